@@ -1,0 +1,1 @@
+"""medtune: torchtune components for medical question answering (data, models, optimizers, evaluation)."""

@@ -1,0 +1,30 @@
+"""Running the real `tune` and `medtune` executables of this environment in a subprocess."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def run_cli(
+    program: str, args: List[str], cwd: Optional[Path] = None, timeout: int = 600, check: bool = True
+) -> subprocess.CompletedProcess:
+    """Run `program` (e.g. "tune") from this venv with `args`; on failure show its output."""
+    proc = subprocess.run(
+        [str(BIN / program), *args],
+        cwd=cwd or REPO_ROOT,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{program} {' '.join(args)} exited {proc.returncode}\n"
+            f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+        )
+    return proc
