@@ -1,8 +1,13 @@
 """Shared fixtures: the paths of the real data in ../shared/data and a real tiny tokenizer."""
 
+import os
 from pathlib import Path
 
 import pytest
+
+# tests read local files only; the Hub is never contacted
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -191,3 +191,13 @@ def test_a_bad_field_is_reported_at_its_index(tmp_path, records, data):
     path = _write(tmp_path, json.dumps(records), "bad.json")
     with pytest.raises(DataError, match=rf"record {index}: .*'{field}'"):
         load_instruction_rows("json", data_files=path)
+
+
+def test_other_load_dataset_sources_are_checked_too(tmp_path, tokenizer):
+    path = str(tmp_path / "rows.parquet")
+    datasets.Dataset.from_list([GOOD, {**GOOD, "input": None}, GOOD]).to_parquet(path)
+    ds = medical_meadow_dataset(tokenizer, source="parquet", data_files=path)
+    assert len(ds) == 3 and ds._data["input"][:] == ["x", None, "x"]
+    datasets.Dataset.from_list([GOOD, {**GOOD, "output": None}]).to_parquet(path)
+    with pytest.raises(DataError, match=rf"parquet {path}: record 1: missing field 'output'"):
+        medical_meadow_dataset(tokenizer, source="parquet", data_files=path)

@@ -127,6 +127,7 @@ def load_instruction_rows(
     if data_files is not None:
         load_dataset_kwargs["data_files"] = data_files
     data = datasets.load_dataset(source, split=split, **load_dataset_kwargs)
+    source = source if data_files is None else f"{source} {data_files}"
     missing = [f for f in ("instruction", "output") if f not in data.column_names]
     if missing:
         raise DataError(
