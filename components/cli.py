@@ -72,7 +72,8 @@ def load_spec(kind: str, location: str, args: argparse.Namespace) -> Tuple[List[
         if Path(location).is_file():
             data, source = load_instruction_rows("json", data_files=location), location
         else:
-            source = hub_id(location) if location.split("/")[-1].removeprefix("medical_meadow_") in MEDICAL_MEADOW_SETS else location
+            short = location.removeprefix("medical_meadow_")
+            source = hub_id(short) if short in MEDICAL_MEADOW_SETS else location
             data = load_instruction_rows(source)
         rows, report = data.to_list(), {"source": source}
     report["rows"] = len(rows)

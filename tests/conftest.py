@@ -28,24 +28,5 @@ def tokenizer(tmp_path_factory):
     mp.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path_factory.mktemp("tiktoken_cache")))
     from components.models import tiny_llama3_2_tokenizer
 
-    try:
-        yield tiny_llama3_2_tokenizer()
-    except FileNotFoundError:  # TODO(data): drop once components/data/sample/ is committed
-        yield _throwaway_tokenizer(tmp_path_factory.mktemp("tok"))
+    yield tiny_llama3_2_tokenizer()
     mp.undo()
-
-
-def _throwaway_tokenizer(out: Path):
-    import json
-
-    from torchtune.models.llama3 import llama3_tokenizer
-
-    from components.models.tokenizer import special_tokens_for, train_byte_level_bpe, write_tiktoken_file
-
-    records = json.loads((SHARED_DATA / "medical_meadow_small.json").read_text())[:300]
-    corpus = [r[f] for r in records for f in ("instruction", "input", "output")]
-    ranks = train_byte_level_bpe(corpus, 1024)
-    write_tiktoken_file(ranks, out / "tokenizer.model")
-    specials = special_tokens_for(len(ranks))
-    (out / "special.json").write_text(json.dumps({"added_tokens": [{"id": i, "content": c} for c, i in specials.items()]}))
-    return llama3_tokenizer(str(out / "tokenizer.model"), special_tokens_path=str(out / "special.json"))

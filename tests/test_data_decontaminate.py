@@ -93,18 +93,18 @@ def test_builder_option_removes_and_reports(tokenizer, shared_data, eval_sets):
     assert len(ds) == 5_942 - 14 == ds.report["final"]
 
 
+@pytest.fixture(scope="module")
+def usmle_questions(shared_data):
+    return [r["question"] for r in read_usmle(shared_data / "usmle")[0] if len(words(r["question"])) >= 13]
+
+
 @settings(max_examples=40, deadline=None)
 @given(data=st.data())
-def test_any_13_word_window_of_a_usmle_question_is_caught(checker, data):
-    texts = [t for t in checker_questions() if len(words(t)) >= 13]
+def test_any_13_word_window_of_a_usmle_question_is_caught(checker, usmle_questions, data):
+    texts = usmle_questions
     w = words(data.draw(st.sampled_from(texts)))
     start = data.draw(st.integers(0, len(w) - 13))
     noise = data.draw(st.lists(st.sampled_from(["zzq", "qqx", "xyzzy"]), max_size=5))
     text = " ".join(noise + w[start : start + 13] + noise)
     assert checker.match({"instruction": "", "input": text.upper(), "output": ""})
 
-
-def checker_questions():
-    from tests.conftest import SHARED_DATA
-
-    return [r["question"] for r in read_usmle(SHARED_DATA / "usmle")[0]]

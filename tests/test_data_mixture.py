@@ -108,3 +108,16 @@ dataset:
     ds = config.instantiate(cfg.dataset, tokenizer)
     assert {k: v["taken"] for k, v in ds.report["sets"].items()} == {"mediqa": 5, "medqa": 40}
     assert len(ds) == 40  # 45 rows, validation ceil(4.5) = 5
+
+
+def test_the_shipped_sample_layout(tokenizer):
+    from pathlib import Path
+
+    import components.data
+
+    sample = Path(components.data.__file__).parent / "sample" / "medical_meadow"
+    ds = medical_meadow_mixture(tokenizer, data_dir=str(sample))
+    sets = ds.report["sets"]
+    assert list(sets) == list(MEDICAL_MEADOW_SETS)
+    assert all(0 < c["taken"] == c["available"] for c in sets.values())
+    assert len(ds) == sum(c["taken"] for c in sets.values())

@@ -1,5 +1,11 @@
 """Dataset builders (Medical Meadow, MedQuAD), readers (USMLE), prompt templates, mixing and
-decontamination. Builders are flat functions a YAML ``_component_`` can name."""
+decontamination. Builders are flat functions a YAML ``_component_`` can name.
+
+Bad input, one rule throughout: malformed files and records raise :class:`DataError` naming the
+file and the record. Known gaps of the sources themselves are not errors and are never dropped
+silently: MedQuAD pairs whose answer was removed upstream are skipped and counted; USMLE items
+without options (or whose key is not among them) are kept and listed in the report.
+"""
 
 from components.data.decontaminate import Decontaminator, decontaminate_records
 from components.data.errors import DataError

@@ -109,7 +109,8 @@ class Decontaminator:
 
     def filter(self, records: Iterable[Mapping[str, Any]]) -> Tuple[List[int], Dict[str, Any]]:
         """Indices of the clean records and a report: removed in total and per evaluation set,
-        with up to three examples per set (training index, evaluation item, shared text)."""
+        with up to three examples per set (the record's position among ``records``, the
+        evaluation item, the shared text)."""
         kept: List[int] = []
         removed = {name: 0 for name in self.sets}
         examples: Dict[str, List[Dict[str, Any]]] = {name: [] for name in self.sets}

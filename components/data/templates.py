@@ -36,8 +36,10 @@ MEDALPACA_PRIMER = (
     "Below is an instruction that describes a task, paired with an input that provides "
     "further context. Write a response that appropriately completes the request."
 )
-MEDALPACA_PROMPT = MEDALPACA_PRIMER + "\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-ALPACA_PROMPT_INPUT = MEDALPACA_PROMPT
+MEDALPACA_PROMPT = (
+    MEDALPACA_PRIMER + "\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_INPUT = MEDALPACA_PROMPT  # Alpaca's with-input prompt is the same text
 ALPACA_PROMPT_NO_INPUT = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request.\n\n"
