@@ -1,15 +1,38 @@
-"""Shared fixtures: the paths of the real data in ../shared/data and a real tiny tokenizer."""
+"""Shared test set-up: no network, every cache in a fresh folder, the real data, a real tokenizer."""
 
 import os
 from pathlib import Path
 
 import pytest
 
-# tests read local files only; the Hub is never contacted
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_caches(tmp_path_factory):
+    """Point medtune's and tiktoken's caches at session folders; forbid Hub access.
+
+    Subprocesses (`tune run`, `medtune`) inherit these, so the whole session builds the tiny
+    checkpoint once, from scratch, and never reads or writes the user's caches.
+    """
+    cache = tmp_path_factory.mktemp("cache")
+    env = {
+        "MEDTUNE_CACHE_DIR": str(cache / "medtune"),
+        "TIKTOKEN_CACHE_DIR": str(cache / "tiktoken"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HOME": str(cache / "hf"),
+    }
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")
@@ -20,13 +43,8 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(tmp_path_factory):
-    """The project's tiny Llama 3 tokenizer (a real torchtune ``Llama3Tokenizer``), built in a
-    temporary cache so tests neither read nor write the user's."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MEDTUNE_CACHE_DIR", str(tmp_path_factory.mktemp("medtune_cache")))
-    mp.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path_factory.mktemp("tiktoken_cache")))
+def tokenizer():
+    """The project's tiny Llama 3 tokenizer (a real torchtune ``Llama3Tokenizer``)."""
     from components.models import tiny_llama3_2_tokenizer
 
-    yield tiny_llama3_2_tokenizer()
-    mp.undo()
+    return tiny_llama3_2_tokenizer()

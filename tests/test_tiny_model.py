@@ -130,4 +130,4 @@ def test_concurrent_first_use_builds_one_checkpoint(tmp_path, monkeypatch):
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         first, second = pool.map(_build_in_process, range(2))
     assert first == second
-    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == [Path(first).name]
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == [Path(first).name]

@@ -122,6 +122,8 @@ def tiny_llama3_2_checkpointer(
     recipe_checkpoint: Optional[str] = None,
     adapter_checkpoint: Optional[str] = None,
     resume_from_checkpoint: bool = False,
+    safe_serialization: bool = True,
+    should_load_recipe_state: bool = False,
 ) -> FullModelHFCheckpointer:
     """torchtune's HF checkpointer reading the tiny checkpoint (created on first use)."""
     return FullModelHFCheckpointer(
@@ -132,6 +134,8 @@ def tiny_llama3_2_checkpointer(
         recipe_checkpoint=recipe_checkpoint,
         adapter_checkpoint=adapter_checkpoint,
         resume_from_checkpoint=resume_from_checkpoint,
+        safe_serialization=safe_serialization,
+        should_load_recipe_state=should_load_recipe_state,
     )
 
 
@@ -155,7 +159,7 @@ def tiny_checkpoint_dir() -> str:
     if (target / CHECKPOINT_FILE).is_file():
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
+    with FileLock(str(target.parent / f".{target.name}.lock")):
         if not (target / CHECKPOINT_FILE).is_file():
             staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
             try:
