@@ -1,0 +1,155 @@
+"""recipes/{full,lora}_finetune_distributed.py on CPU: FSDP2 over gloo with 2 processes.
+
+Each run goes through the real `tune run --nproc_per_node N` (torchrun) on configs/tiny/*.yaml.
+Two processes with batch_size 2 see the same global batch of 4 as one process with batch_size 4
+(the distributed sampler deals the same shuffled indices out rank by rank), so the per-step loss
+curves must agree up to float32 reduction order.
+"""
+
+import json
+import re
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+
+from tests.helpers import run_cli
+
+STEPS = 4
+FAST = [f"max_steps_per_epoch={STEPS}", "tokenizer.max_seq_len=128", "log_every_n_steps=1"]
+# Relative difference allowed between the 1-process and 2-process losses: the same float32
+# arithmetic, but sums reduced in another order across processes (measured: <= 1e-7).
+LOSS_RTOL = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _offline_env(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path_factory.mktemp("tiktoken_cache")))
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setenv("HF_DATASETS_OFFLINE", "1")
+    mp.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_datasets")))
+    # One intra-op thread per process (torchrun does the same for 2+ processes): on a shared or
+    # busy CPU, OpenMP threads spin against each other and a step can take 30x longer.
+    mp.setenv("OMP_NUM_THREADS", "1")
+    yield
+    mp.undo()
+
+
+def read_losses(log_dir: Path) -> Dict[int, float]:
+    """Step -> loss from torchtune's DiskLogger file (`Step 3 | loss:7.12 lr:...`)."""
+    (log_file,) = sorted(log_dir.glob("log_*.txt"))
+    losses = {}
+    for line in log_file.read_text().splitlines():
+        m = re.match(r"Step (\d+) \| .*\bloss:(\S+)", line)
+        if m:
+            losses[int(m.group(1))] = float(m.group(2))
+    return losses
+
+
+def tune_run(recipe: str, config: str, nproc: int, out: Path, *overrides: str, check=True):
+    args = ["run", "--nproc_per_node", str(nproc), f"recipes/{recipe}.py", "--config", config]
+    return run_cli("tune", [*args, f"output_dir={out}", *overrides], check=check)
+
+
+def files_under(path: Path) -> List[str]:
+    return sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+
+
+def one_vs_two_processes(tmp_path: Path, recipe: str, config: str, *overrides: str):
+    """Loss curves of 1 process x batch 4 and 2 processes x batch 2, and the 2-process output."""
+    runs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"nproc{nproc}"
+        tune_run(recipe, config, nproc, out, *FAST, f"batch_size={4 // nproc}", *overrides)
+        runs[nproc] = read_losses(out / "logs")
+    assert sorted(runs[1]) == sorted(runs[2]) == list(range(1, STEPS + 1))
+    for step in runs[1]:
+        assert runs[2][step] == pytest.approx(runs[1][step], rel=LOSS_RTOL), (step, runs)
+    assert runs[1][STEPS] < runs[1][1]  # and it trains
+    return runs, tmp_path / "nproc2"
+
+
+def test_full_sft_two_cpu_processes_match_one(tmp_path):
+    _, out = one_vs_two_processes(tmp_path, "full_finetune_distributed", "configs/tiny/full_sft.yaml")
+    files = files_under(out / "epoch_0")
+    assert "config.json" in files and "model-00001-of-00001.safetensors" in files
+
+
+def test_lora_two_cpu_processes_match_one(tmp_path):
+    # Dropout draws differ between 1 and 2 processes; without it the runs must agree.
+    _, out = one_vs_two_processes(
+        tmp_path, "lora_finetune_distributed", "configs/tiny/lora.yaml", "model.lora_dropout=0.0"
+    )
+    merged = files_under(out / "epoch_0")
+    assert "model-00001-of-00001.safetensors" in merged
+    assert not [f for f in merged if "adapter" in f], merged
+    assert files_under(out / "adapter" / "epoch_0") == [
+        "adapter_config.json",
+        "adapter_model.pt",
+        "adapter_model.safetensors",
+    ]
+    config = json.loads((out / "adapter" / "epoch_0" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+
+
+def load_recipe(name: str):
+    """Import recipes/<name>.py by path (the `recipes` package resolves only from the repo root)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "recipes" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_medtune_recipe_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_qlora_nf4_shardability_check():
+    """Which NF4 weights FSDP2 can shard: each of an NF4 weight's three parts (packed data,
+    one scaler per 64 values, one scaler factor per 16,384 values) must split evenly."""
+    from torchtune.models.llama3_2 import lora_llama3_2
+
+    from components.models import qlora_tiny_llama3_2
+    from components.models.tiny import TINY_DIMS
+
+    check = load_recipe("lora_finetune_distributed")._check_nf4_shardable
+    modules = ["q_proj", "k_proj", "v_proj", "output_proj"]
+    with torch.device("meta"):
+        tiny = qlora_tiny_llama3_2(modules)
+        wider_kv = lora_llama3_2(
+            modules, **{**TINY_DIMS, "num_kv_heads": 4}, lora_rank=8, lora_alpha=16,
+            quantize_base=True,
+        )
+        plain_lora = lora_llama3_2(modules, **TINY_DIMS, lora_rank=8, lora_alpha=16)
+    with pytest.raises(ValueError, match="in a single process"):
+        check(tiny, 1)
+    with pytest.raises(ValueError, match=r"layers\.0\.attn\.k_proj\.weight of shape \(64, 256\)"):
+        check(tiny, 2)
+    check(wider_kv, 2)  # k/v projections of 128 x 256 = 2 scaler factors: shardable by 2
+    with pytest.raises(ValueError, match="multiple of 16,384 x 4 = 65536"):
+        check(wider_kv, 4)
+    check(plain_lora, 1)  # nothing quantized: nothing to check
+
+
+def test_qlora_two_processes_stop_early_with_the_reason(tmp_path):
+    """With the tiny model's k/v projections (64 x 256 = 16,384 values, a single NF4 scaler
+    factor) FSDP2 cannot shard the NF4 base across 2 processes: the recipe stops before sharding
+    and says why (instead of an assertion deep inside torchao)."""
+    from components.models import qlora_tiny_llama3_2
+
+    with torch.device("meta"):
+        model = qlora_tiny_llama3_2(["q_proj", "k_proj", "v_proj", "output_proj"])
+    assert model.layers[0].attn.k_proj.weight.numel() == 16384  # the premise of this test
+
+    out = tmp_path / "two"
+    proc = tune_run(
+        "lora_finetune_distributed", "configs/tiny/qlora.yaml", 2, out, *FAST, "batch_size=2",
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert (
+        "QLoRA under FSDP2 cannot shard the NF4 weight layers.0.attn.k_proj.weight of shape "
+        "(64, 256) across 2 processes" in proc.stderr
+    ), proc.stderr[-3000:]
+    assert not list(out.glob("logs/log_*.txt")) or not read_losses(out / "logs")  # no step ran
