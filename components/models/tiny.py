@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -82,26 +83,9 @@ def lora_tiny_llama3_2(
     )
 
 
-def qlora_tiny_llama3_2(
-    lora_attn_modules: List[str],
-    apply_lora_to_mlp: bool = False,
-    apply_lora_to_output: bool = False,
-    lora_rank: int = 8,
-    lora_alpha: float = 16,
-    lora_dropout: float = 0.0,
-    use_dora: bool = False,
-) -> TransformerDecoder:
-    """The tiny model with LoRA on an NF4-quantized base (QLoRA through torchao)."""
-    return lora_tiny_llama3_2(
-        lora_attn_modules=lora_attn_modules,
-        apply_lora_to_mlp=apply_lora_to_mlp,
-        apply_lora_to_output=apply_lora_to_output,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        use_dora=use_dora,
-        quantize_base=True,
-    )
+qlora_tiny_llama3_2 = partial(lora_tiny_llama3_2, quantize_base=True)
+qlora_tiny_llama3_2.__doc__ = """The tiny model with LoRA on an NF4-quantized base (QLoRA through
+torchao), made the way torchtune makes its own ``qlora_*`` builders."""
 
 
 def tiny_llama3_2_tokenizer(
