@@ -20,6 +20,8 @@
 #   the adapter (PEFT files + torchtune's adapter_model.pt) goes to `output_dir/adapter/epoch_N/`,
 #   where a resumed run also looks for it (torchtune wrote both into `epoch_N/`, and
 #   `lm_eval --model hf` then applied the adapter twice).
+# - Saving no longer merges LoRA into the live weights when gathering returns them uncopied (one
+#   CPU process): torchtune's in-place merge then corrupted the rest of training.
 # Changes are marked "medtune:".
 
 import gc
@@ -124,6 +126,19 @@ def instantiate_checkpointer(
     elif "resume_from_checkpoint" in params:
         kwargs["resume_from_checkpoint"] = should_load_recipe_state
     return config.instantiate(cfg_checkpointer, **kwargs)
+
+
+def copy_weights_merged_in_place(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """medtune: copy the base weights that torchtune's get_merged_lora_ckpt adds LoRA into in place.
+
+    On CPU, `tensor.cpu()` (and an all-gather of a single shard) returns the live parameter
+    itself, so torchtune's in-place merge wrote the LoRA delta into the weights still being
+    trained: every later epoch trained on, and saved, a base holding an earlier delta.
+    """
+    for key in [k for k in state_dict if k.endswith(".lora_a.weight")]:
+        weight_key = key[: -len("lora_a.weight")] + "weight"
+        state_dict[weight_key] = state_dict[weight_key].clone()
+    return state_dict
 
 
 # medtune: the helpers below replace torchtune calls that assume an accelerator.
@@ -893,8 +908,9 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
                 adapter_state_dict = get_adapter_state_dict(cpu_state_dict)
 
                 # merge the adapter weights and base weights to create the model checkpoint
+                # medtune: with one CPU process those are the live weights; do not merge into them.
                 merged_state_dict = get_merged_lora_ckpt(
-                    cpu_state_dict,
+                    copy_weights_merged_in_place(cpu_state_dict),
                     rank=self._lora_rank,
                     alpha=self._lora_alpha,
                 )

@@ -10,7 +10,9 @@
 # applies the adapter twice when peft is installed. Here `epoch_N/` keeps only the merged HF model
 # (+ config and tokenizer files) and the adapter (PEFT `adapter_model.safetensors` +
 # `adapter_config.json`, plus torchtune's `adapter_model.pt` used for resuming) goes to
-# `output_dir/adapter/epoch_N/`, where a resumed run also looks for it. Changes marked "medtune:".
+# `output_dir/adapter/epoch_N/`, where a resumed run also looks for it. Also fixed, for CPU runs:
+# the merge wrote the LoRA delta into the live base weights (`.cpu()` does not copy on CPU), and
+# a resumed run without max_steps_per_epoch restarted its LR schedule. Changes marked "medtune:".
 
 import inspect
 import os
@@ -108,6 +110,19 @@ def instantiate_checkpointer(
     elif "resume_from_checkpoint" in params:
         kwargs["resume_from_checkpoint"] = should_load_recipe_state
     return config.instantiate(cfg_checkpointer, **kwargs)
+
+
+def copy_weights_merged_in_place(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """medtune: copy the base weights that torchtune's get_merged_lora_ckpt adds LoRA into in place.
+
+    On CPU, `tensor.cpu()` (and an all-gather of a single shard) returns the live parameter
+    itself, so torchtune's in-place merge wrote the LoRA delta into the weights still being
+    trained: every later epoch trained on, and saved, a base holding an earlier delta.
+    """
+    for key in [k for k in state_dict if k.endswith(".lora_a.weight")]:
+        weight_key = key[: -len("lora_a.weight")] + "weight"
+        state_dict[weight_key] = state_dict[weight_key].clone()
+    return state_dict
 
 
 class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
@@ -692,6 +707,8 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
 
             # Move to CPU to avoid a copy on GPU
             state_dict = {k: v.cpu() for k, v in self._model.state_dict().items()}
+            # medtune: on CPU those are the live weights; the merge below must not touch them.
+            state_dict = copy_weights_merged_in_place(state_dict)
 
             merged_state_dict = get_merged_lora_ckpt(
                 state_dict,

@@ -140,15 +140,15 @@ def nf4_roundtrip_base(base_dir: Path):
     return model.eval()
 
 
-def check_peft_matches_merged(out: Path, base, atol: float = LOGITS_ATOL) -> float:
-    """Logits of peft(base, adapter/epoch_0) == logits of the merged epoch_0; returns the max diff."""
+def check_peft_matches_merged(out: Path, base, epoch: int = 0, atol: float = LOGITS_ATOL) -> float:
+    """Logits of peft(base, adapter/epoch_N) == logits of the merged epoch_N; returns the max diff."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    merged = AutoModelForCausalLM.from_pretrained(out / "epoch_0", dtype=torch.float32).eval()
+    merged = AutoModelForCausalLM.from_pretrained(out / f"epoch_{epoch}", dtype=torch.float32).eval()
     ids = torch.randint(0, merged.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
     base_logits = hf_logits(base, ids)
-    peft_model = PeftModel.from_pretrained(base, str(out / "adapter" / "epoch_0")).eval()
+    peft_model = PeftModel.from_pretrained(base, str(out / "adapter" / f"epoch_{epoch}")).eval()
     peft_logits = hf_logits(peft_model, ids)
     merged_logits = hf_logits(merged, ids)
     # The adapter really changes the model (else the comparison below would prove nothing) ...
@@ -166,13 +166,17 @@ def test_lora_loss_falls_and_adapter_is_kept_apart(lora_run):
     assert (lora_run / "recipe_state" / "recipe_state.pt").is_file()
 
 
-def test_lora_adapter_loads_with_peft_onto_base(lora_run):
+@pytest.mark.parametrize("epoch", [0, 1])
+def test_lora_adapter_loads_with_peft_onto_base(lora_run, epoch):
+    """Epoch 1 also checks that saving epoch 0 left the model being trained intact (on CPU,
+    torchtune's merge added the LoRA delta into the live base weights, so every later epoch
+    trained on, and saved, a base that already held an earlier delta)."""
     from transformers import AutoModelForCausalLM
 
     from components.models import tiny_checkpoint_dir
 
     base = AutoModelForCausalLM.from_pretrained(tiny_checkpoint_dir(), dtype=torch.float32).eval()
-    check_peft_matches_merged(lora_run, base)
+    check_peft_matches_merged(lora_run, base, epoch)
 
 
 def test_lora_resume_finds_adapter_in_its_folder(lora_run, tmp_path):

@@ -16,8 +16,16 @@ import torch
 
 from tests.helpers import run_cli
 
-STEPS = 4
-FAST = [f"max_steps_per_epoch={STEPS}", "tokenizer.max_seq_len=128", "log_every_n_steps=1"]
+# Two epochs of 2 steps: the curves also cover the end-of-epoch checkpoint (saving must leave
+# the model being trained untouched) and the start of a new epoch.
+EPOCHS, STEPS_PER_EPOCH = 2, 2
+STEPS = EPOCHS * STEPS_PER_EPOCH
+FAST = [
+    f"epochs={EPOCHS}",
+    f"max_steps_per_epoch={STEPS_PER_EPOCH}",
+    "tokenizer.max_seq_len=128",
+    "log_every_n_steps=1",
+]
 # Relative difference allowed between the 1-process and 2-process losses: the same float32
 # arithmetic, but sums reduced in another order across processes (measured: <= 1e-7).
 LOSS_RTOL = 1e-5
@@ -73,8 +81,9 @@ def one_vs_two_processes(tmp_path: Path, recipe: str, config: str, *overrides: s
 
 def test_full_sft_two_cpu_processes_match_one(tmp_path):
     _, out = one_vs_two_processes(tmp_path, "full_finetune_distributed", "configs/tiny/full_sft.yaml")
-    files = files_under(out / "epoch_0")
-    assert "config.json" in files and "model-00001-of-00001.safetensors" in files
+    for epoch in range(EPOCHS):
+        files = files_under(out / f"epoch_{epoch}")
+        assert "config.json" in files and "model-00001-of-00001.safetensors" in files
 
 
 def test_lora_two_cpu_processes_match_one(tmp_path):
@@ -82,16 +91,17 @@ def test_lora_two_cpu_processes_match_one(tmp_path):
     _, out = one_vs_two_processes(
         tmp_path, "lora_finetune_distributed", "configs/tiny/lora.yaml", "model.lora_dropout=0.0"
     )
-    merged = files_under(out / "epoch_0")
-    assert "model-00001-of-00001.safetensors" in merged
-    assert not [f for f in merged if "adapter" in f], merged
-    assert files_under(out / "adapter" / "epoch_0") == [
-        "adapter_config.json",
-        "adapter_model.pt",
-        "adapter_model.safetensors",
-    ]
-    config = json.loads((out / "adapter" / "epoch_0" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA"
+    for epoch in range(EPOCHS):
+        merged = files_under(out / f"epoch_{epoch}")
+        assert "model-00001-of-00001.safetensors" in merged
+        assert not [f for f in merged if "adapter" in f], merged
+        adapter = out / "adapter" / f"epoch_{epoch}"
+        assert files_under(adapter) == [
+            "adapter_config.json",
+            "adapter_model.pt",
+            "adapter_model.safetensors",
+        ]
+        assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
 
 def load_recipe(name: str):
