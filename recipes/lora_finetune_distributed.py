@@ -13,15 +13,18 @@
 # - LoRA initialisation: the adapter's initial weights are made once as full tensors on rank 0
 #   and loaded like a resumed adapter, so they do not depend on the number of processes (torchtune
 #   initialised each rank's shard from its own seed, seed + rank).
-# - QLoRA: where torchao's NF4 cannot be sharded by FSDP2 (one process; or a quantized weight whose
-#   NF4 parts do not split evenly across the processes) the recipe stops before sharding with a
-#   message naming the reason, instead of failing inside FSDP or torchao.
+# - QLoRA: FSDP2 shards torchao's NF4 weights on CPU/gloo too, where they split evenly; where they
+#   cannot be sharded (one process; or a quantized weight whose NF4 parts do not split evenly
+#   across the processes) the recipe stops before sharding with a message naming the reason,
+#   instead of failing inside FSDP or torchao.
 # - The adapter's place: `epoch_N/` keeps only the merged HF model (+ config and tokenizer files);
 #   the adapter (PEFT files + torchtune's adapter_model.pt) goes to `output_dir/adapter/epoch_N/`,
 #   where a resumed run also looks for it (torchtune wrote both into `epoch_N/`, and
 #   `lm_eval --model hf` then applied the adapter twice).
 # - Saving no longer merges LoRA into the live weights when gathering returns them uncopied (one
 #   CPU process): torchtune's in-place merge then corrupted the rest of training.
+# - Checkpointer builders that take only `resume_from_checkpoint` (not `should_load_recipe_state`)
+#   are accepted.
 # Changes are marked "medtune:".
 
 import gc

@@ -12,7 +12,9 @@
 # `adapter_config.json`, plus torchtune's `adapter_model.pt` used for resuming) goes to
 # `output_dir/adapter/epoch_N/`, where a resumed run also looks for it. Also fixed, for CPU runs:
 # the merge wrote the LoRA delta into the live base weights (`.cpu()` does not copy on CPU), and
-# a resumed run without max_steps_per_epoch restarted its LR schedule. Changes marked "medtune:".
+# a resumed run without max_steps_per_epoch restarted its LR schedule. Checkpointer builders that
+# take only `resume_from_checkpoint` (not `should_load_recipe_state`) are accepted.
+# Changes marked "medtune:".
 
 import inspect
 import os

@@ -105,14 +105,15 @@ def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits
 
 
-def nf4_roundtrip_base(base_dir: Path):
+def nf4_roundtrip_base(base_dir: Path, via: torch.dtype = torch.bfloat16):
     """The HF base model with every weight QLoRA quantizes replaced by its NF4 round trip.
 
     torchtune's QLoRA merges the adapter into the *dequantized* NF4 base, so the PEFT adapter
-    reproduces the merged model only on top of that same base. torchtune's QLoRA builders
-    dequantize through bfloat16 (their state-dict hook's default dtype, whatever the recipe's
-    dtype), so the round trip does too. It is done in torchtune's layout (HF permutes q/k rows,
-    which would change NF4's 64-value blocks).
+    reproduces the merged model only on top of that same base. The single-device recipe
+    dequantizes through bfloat16 (the QLoRA builders' state-dict hook's default dtype, whatever
+    the recipe's dtype); the distributed one gathers the NF4 shards and dequantizes to float32:
+    `via` picks which. The round trip is done in torchtune's layout (HF permutes q/k rows, which
+    would change NF4's 64-value blocks).
     """
     from safetensors.torch import load_file
     from torchao.dtypes.nf4tensor import to_nf4
@@ -131,7 +132,7 @@ def nf4_roundtrip_base(base_dir: Path):
     n = 0
     for key in list(sd):
         if quantized.fullmatch(key):
-            sd[key] = to_nf4(sd[key]).to(torch.bfloat16).to(torch.float32)
+            sd[key] = to_nf4(sd[key]).to(via).to(torch.float32)
             n += 1
     assert n == 7 * cfg["num_hidden_layers"]
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
