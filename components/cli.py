@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from components.knowtuning.cli import add_knowtuning_command
 from components.quickstart import add_quickstart_command
 
 KINDS = ("meadow", "medquad", "usmle", "mixture")
@@ -199,7 +200,7 @@ def add_data_command(subparsers: argparse._SubParsersAction) -> None:
     export.set_defaults(func=data_export)
 
 
-COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [add_data_command, add_quickstart_command]
+COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [add_data_command, add_quickstart_command, add_knowtuning_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
