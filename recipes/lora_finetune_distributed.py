@@ -912,8 +912,10 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
 
                 # merge the adapter weights and base weights to create the model checkpoint
                 # medtune: with one CPU process those are the live weights; do not merge into them.
+                if self._device.type == "cpu":
+                    cpu_state_dict = copy_weights_merged_in_place(cpu_state_dict)
                 merged_state_dict = get_merged_lora_ckpt(
-                    copy_weights_merged_in_place(cpu_state_dict),
+                    cpu_state_dict,
                     rank=self._lora_rank,
                     alpha=self._lora_alpha,
                 )

@@ -710,7 +710,8 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
             # Move to CPU to avoid a copy on GPU
             state_dict = {k: v.cpu() for k, v in self._model.state_dict().items()}
             # medtune: on CPU those are the live weights; the merge below must not touch them.
-            state_dict = copy_weights_merged_in_place(state_dict)
+            if self._device.type == "cpu":
+                state_dict = copy_weights_merged_in_place(state_dict)
 
             merged_state_dict = get_merged_lora_ckpt(
                 state_dict,
