@@ -8,12 +8,10 @@
 # recipe also trains on CPU (FSDP2 over gloo, e.g. `tune run --nproc_per_node 2 ... device=cpu`):
 # the process-group backend follows the device (gloo on CPU; unchanged nccl or cuda:nccl,cpu:gloo
 # on CUDA) and every accelerator-only call (memory stats, cache clearing) is guarded by the device
-# type; fsdp_cpu_offload is ignored on CPU, where it means nothing. On CUDA the recipe behaves as torchtune's. Also: checkpointer
-# builders that take only `resume_from_checkpoint` (not `should_load_recipe_state`) are accepted.
-# Changes marked "medtune:".
+# type; fsdp_cpu_offload is ignored on CPU, where it means nothing. On CUDA the recipe behaves as
+# torchtune's. Changes marked "medtune:".
 
 import gc
-import inspect
 import sys
 import time
 
@@ -51,40 +49,6 @@ from torchtune.training.lr_schedulers import get_lr
 from tqdm import tqdm
 
 log = utils.get_logger("DEBUG")
-
-
-def instantiate_checkpointer(
-    cfg_checkpointer: DictConfig, should_load_recipe_state: bool, **kwargs: Any
-) -> Any:
-    """medtune: torchtune's `config.instantiate(cfg_checkpointer, should_load_recipe_state=...)`.
-
-    Builders written for a project (a function returning a checkpointer) may only take the
-    older `resume_from_checkpoint` name; pass whichever of the two the component accepts.
-    """
-    component = _get_component_from_path(cfg_checkpointer["_component_"])
-    params = inspect.signature(component).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    if takes_any or "should_load_recipe_state" in params:
-        kwargs["should_load_recipe_state"] = should_load_recipe_state
-    elif "resume_from_checkpoint" in params:
-        kwargs["resume_from_checkpoint"] = should_load_recipe_state
-    return config.instantiate(cfg_checkpointer, **kwargs)
-
-
-class _CheckpointClient(CheckpointClient):
-    """medtune: torchtune's CheckpointClient, building the checkpointer with the helper above."""
-
-    def _get_checkpointer(self):
-        if not self._checkpointer:
-            self._checkpointer = instantiate_checkpointer(
-                self._cfg.checkpointer,
-                should_load_recipe_state=(
-                    False
-                    if self._enable_async_checkpointing
-                    else self._resume_from_checkpoint
-                ),
-            )
-        return self._checkpointer
 
 
 # medtune: the helpers below replace torchtune calls that assume an accelerator.
@@ -248,7 +212,7 @@ class FullFinetuneRecipeDistributed(FTRecipeInterface):
         self._gradient_accumulation_steps = cfg.gradient_accumulation_steps
         self._optimizer_in_bwd = cfg.get("optimizer_in_bwd", False)
         self._clip_grad_norm = cfg.get("clip_grad_norm", None)
-        self._checkpoint_client = _CheckpointClient(cfg)  # medtune: see the class
+        self._checkpoint_client = CheckpointClient(cfg)
 
         # Optimizer in backward is not compatible with gradient accumulation or gradient clipping
         if self._optimizer_in_bwd:

@@ -23,12 +23,9 @@
 #   `lm_eval --model hf` then applied the adapter twice).
 # - Saving no longer merges LoRA into the live weights when gathering returns them uncopied (one
 #   CPU process): torchtune's in-place merge then corrupted the rest of training.
-# - Checkpointer builders that take only `resume_from_checkpoint` (not `should_load_recipe_state`)
-#   are accepted.
 # Changes are marked "medtune:".
 
 import gc
-import inspect
 import math
 import os
 import re
@@ -111,24 +108,6 @@ def latest_adapter_checkpoint(output_dir: Union[str, Path]) -> Optional[str]:
         return None
     path = adapter_root / f"epoch_{max(epochs)}" / "adapter_model.pt"
     return str(path.resolve()) if path.is_file() else None
-
-
-def instantiate_checkpointer(
-    cfg_checkpointer: DictConfig, should_load_recipe_state: bool, **kwargs: Any
-) -> Any:
-    """medtune: torchtune's `config.instantiate(cfg_checkpointer, should_load_recipe_state=...)`.
-
-    Builders written for a project (a function returning a checkpointer) may only take the
-    older `resume_from_checkpoint` name; pass whichever of the two the component accepts.
-    """
-    component = _get_component_from_path(cfg_checkpointer["_component_"])
-    params = inspect.signature(component).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    if takes_any or "should_load_recipe_state" in params:
-        kwargs["should_load_recipe_state"] = should_load_recipe_state
-    elif "resume_from_checkpoint" in params:
-        kwargs["resume_from_checkpoint"] = should_load_recipe_state
-    return config.instantiate(cfg_checkpointer, **kwargs)
 
 
 def copy_weights_merged_in_place(state_dict: Dict[str, Any]) -> Dict[str, Any]:
@@ -393,7 +372,7 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
             adapter_checkpoint = latest_adapter_checkpoint(self._checkpoint_output_dir)
             if adapter_checkpoint is not None:
                 extra["adapter_checkpoint"] = adapter_checkpoint
-        self._checkpointer = instantiate_checkpointer(
+        self._checkpointer = config.instantiate(
             cfg_checkpointer,
             should_load_recipe_state=self._resume_from_checkpoint,
             **extra,

@@ -12,11 +12,8 @@
 # `adapter_config.json`, plus torchtune's `adapter_model.pt` used for resuming) goes to
 # `output_dir/adapter/epoch_N/`, where a resumed run also looks for it. Also fixed, for CPU runs:
 # the merge wrote the LoRA delta into the live base weights (`.cpu()` does not copy on CPU), and
-# a resumed run without max_steps_per_epoch restarted its LR schedule. Checkpointer builders that
-# take only `resume_from_checkpoint` (not `should_load_recipe_state`) are accepted.
-# Changes marked "medtune:".
+# a resumed run without max_steps_per_epoch restarted its LR schedule. Changes marked "medtune:".
 
-import inspect
 import os
 import re
 import sys
@@ -94,24 +91,6 @@ def latest_adapter_checkpoint(output_dir: Union[str, Path]) -> Optional[str]:
         return None
     path = adapter_root / f"epoch_{max(epochs)}" / "adapter_model.pt"
     return str(path.resolve()) if path.is_file() else None
-
-
-def instantiate_checkpointer(
-    cfg_checkpointer: DictConfig, should_load_recipe_state: bool, **kwargs: Any
-) -> Any:
-    """medtune: torchtune's `config.instantiate(cfg_checkpointer, should_load_recipe_state=...)`.
-
-    Builders written for a project (a function returning a checkpointer) may only take the
-    older `resume_from_checkpoint` name; pass whichever of the two the component accepts.
-    """
-    component = _get_component_from_path(cfg_checkpointer["_component_"])
-    params = inspect.signature(component).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    if takes_any or "should_load_recipe_state" in params:
-        kwargs["should_load_recipe_state"] = should_load_recipe_state
-    elif "resume_from_checkpoint" in params:
-        kwargs["resume_from_checkpoint"] = should_load_recipe_state
-    return config.instantiate(cfg_checkpointer, **kwargs)
 
 
 def copy_weights_merged_in_place(state_dict: Dict[str, Any]) -> Dict[str, Any]:
@@ -287,7 +266,7 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
             adapter_checkpoint = latest_adapter_checkpoint(self._checkpoint_output_dir)
             if adapter_checkpoint is not None:
                 extra["adapter_checkpoint"] = adapter_checkpoint
-        self._checkpointer = instantiate_checkpointer(
+        self._checkpointer = config.instantiate(
             cfg_checkpointer,
             should_load_recipe_state=self._resume_from_checkpoint,
             **extra,
