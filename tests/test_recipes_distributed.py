@@ -169,8 +169,12 @@ def wide_kv_qlora_config(tmp_path_factory) -> Path:
     hf_config["num_key_value_heads"] = dims["num_kv_heads"]
     (ckpt / "config.json").write_text(json.dumps(hf_config))
     torch.manual_seed(0)
+    model = llama3_2(**dims)
+    with torch.no_grad():  # the tiny model's own init: N(0, 0.02) weights, unit norms
+        for name, param in model.named_parameters():
+            param.fill_(1.0) if "norm" in name else param.normal_(mean=0.0, std=0.02)
     state = tune_to_hf(
-        llama3_2(**dims).state_dict(),
+        model.state_dict(),
         num_heads=dims["num_heads"],
         num_kv_heads=dims["num_kv_heads"],
         dim=dims["embed_dim"],
