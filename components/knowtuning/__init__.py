@@ -12,13 +12,44 @@ completeness, a factuality and a logicality negative per answer by rule
 ``medtune knowtuning build-ka | build-kc | margin`` run these from the command line.
 """
 
-from components.knowtuning.datasets import KCMessages, knowtuning_kc_dataset
-from components.knowtuning.disturb import FALSIFIERS, delete_facts, falsify_facts, reorder_facts
-from components.knowtuning.facts import join_facts, split_facts
-from components.knowtuning.ka import FACT_INSTRUCTION, build_ka_records
-from components.knowtuning.kc import NEGATIVE_TYPES, build_kc_pairs, length_stats, question_focus
-from components.knowtuning.loss import DPOSFTLoss
-from components.knowtuning.scoring import fact_perplexities, margin_report, preference_log_probs
+import importlib
+from typing import Any
+
+# Exported names -> the module defining them. Loaded on first use (PEP 562), so that the
+# `medtune` command, which registers `medtune knowtuning`, does not import torchtune at start.
+_EXPORTS = {
+    "KCMessages": "datasets",
+    "knowtuning_kc_dataset": "datasets",
+    "FALSIFIERS": "disturb",
+    "delete_facts": "disturb",
+    "falsify_facts": "disturb",
+    "reorder_facts": "disturb",
+    "join_facts": "facts",
+    "split_facts": "facts",
+    "FACT_INSTRUCTION": "ka",
+    "build_ka_records": "ka",
+    "NEGATIVE_TYPES": "kc",
+    "build_kc_pairs": "kc",
+    "length_stats": "kc",
+    "question_focus": "kc",
+    "DPOSFTLoss": "loss",
+    "fact_perplexities": "scoring",
+    "margin_report": "scoring",
+    "preference_log_probs": "scoring",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"components.knowtuning.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'components.knowtuning' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))
+
 
 __all__ = [
     "DPOSFTLoss",
