@@ -131,15 +131,21 @@ def cache_root() -> Path:
     return Path(xdg) / "medtune"
 
 
-def tiny_checkpoint_dir() -> str:
-    """Path of the tiny HF checkpoint, building it once (safe under concurrent processes)."""
-    corpus = sample_corpus()
+def tiny_checkpoint_path(corpus: Optional[List[str]] = None) -> Path:
+    """Where the tiny checkpoint for the current dimensions and sample data lives (built or not)."""
+    corpus = sample_corpus() if corpus is None else corpus
     digest = hashlib.sha256(
         json.dumps(
             [FORMAT_VERSION, TINY_DIMS, INIT_SEED, torch.__version__.split("+")[0], corpus]
         ).encode()
     ).hexdigest()[:12]
-    target = cache_root() / f"tiny-llama3_2-{digest}"
+    return cache_root() / f"tiny-llama3_2-{digest}"
+
+
+def tiny_checkpoint_dir() -> str:
+    """Path of the tiny HF checkpoint, building it once (safe under concurrent processes)."""
+    corpus = sample_corpus()
+    target = tiny_checkpoint_path(corpus)
     if (target / CHECKPOINT_FILE).is_file():
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)

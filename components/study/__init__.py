@@ -1,0 +1,1 @@
+"""`medtune study`: a whole study (trainings, evaluations, tables, plots, manifest) from one YAML."""

@@ -1,0 +1,268 @@
+"""Run a study: each training through the real `tune run`, then each evaluation, resumably.
+
+Every step is a command a user could type, run in a subprocess from the repository root. A
+finished step leaves `medtune_step.json` in its folder holding a key (a hash of its command, its
+config and recipe files, and the keys of the steps it builds on); the next call skips a step
+whose key is unchanged. A failed step is reported and the steps that need it are skipped, the
+others go on. An interrupted step leaves no marker, so it runs again next time.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from components.study.spec import BASELINE, StudySpec
+
+MARKER = "medtune_step.json"
+_PLACEHOLDER = re.compile(r"\{(checkpoint|output):([A-Za-z0-9_.-]+)\}")
+
+
+@dataclass
+class Step:
+    """One command of the study and what it builds on."""
+
+    name: str
+    kind: str  # "train" or "eval"
+    run: str
+    output_dir: Path
+    needs: List[str] = field(default_factory=list)
+    evaluation: Optional[str] = None
+
+
+@dataclass
+class Outcome:
+    """What happened to a step in this call."""
+
+    step: Step
+    status: str  # "done", "skipped (up to date)", "failed", "skipped (needs ...)", "not run"
+    command: List[str] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_mb: Optional[float] = None
+    message: str = ""
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The highest `epoch_N` folder a torchtune recipe wrote into `run_dir`."""
+    epochs = sorted(
+        (p for p in run_dir.glob("epoch_*") if p.is_dir() and p.name[6:].isdigit()),
+        key=lambda p: int(p.name[6:]),
+    )
+    if not epochs:
+        raise FileNotFoundError(f"{run_dir} holds no epoch_N checkpoint folder")
+    return epochs[-1]
+
+
+def cli_value(value: Any) -> str:
+    """A YAML value as torchtune's `key=value` override syntax takes it."""
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(cli_value(v) for v in value) + "]"
+    return str(value)
+
+
+class StudyRunner:
+    """Plans and runs the steps of a study under one output folder."""
+
+    def __init__(self, spec: StudySpec, output_dir: Optional[str] = None, only: Optional[List[str]] = None):
+        self.spec = spec
+        self.root = Path(output_dir or spec.output_dir).resolve()
+        self.repo = Path.cwd()
+        self.only = set(only or [])
+        unknown = self.only - set(spec.runs) - {BASELINE}
+        if unknown:
+            raise ValueError(f"--only: no run named {', '.join(sorted(unknown))} in {spec.path}")
+        self.steps = self._plan()
+
+    # ---- planning -------------------------------------------------------------------------
+    def run_dir(self, run: str) -> Path:
+        return self.root / "runs" / run
+
+    def eval_dir(self, evaluation: str, run: str) -> Path:
+        return self.root / "evals" / evaluation / run
+
+    def _wanted(self, run: str) -> bool:
+        return not self.only or run in self.only
+
+    def _plan(self) -> List[Step]:
+        steps: List[Step] = []
+        for run in self.spec.order():
+            if self._wanted(run) or any(self._wanted(d) for d in self.spec.dependants(run)):
+                needs = [f"train/{d}" for d in self.spec.runs[run].depends_on]
+                steps.append(Step(f"train/{run}", "train", run, self.run_dir(run), needs))
+        planned = {s.run for s in steps}
+        for evaluation in self.spec.evaluations.values():
+            for run in evaluation.runs:
+                if run != BASELINE and (run not in planned or not self._wanted(run)):
+                    continue
+                if run == BASELINE and self.only and BASELINE not in self.only:
+                    continue
+                needs = [] if run == BASELINE else [f"train/{run}"]
+                steps.append(
+                    Step(
+                        f"eval/{evaluation.name}/{run}", "eval", run,
+                        self.eval_dir(evaluation.name, run), needs, evaluation.name,
+                    )
+                )
+        return steps
+
+    def checkpoint_of(self, run: str, dry_run: bool = False) -> str:
+        """The checkpoint folder a run's evaluation reads (and a later stage starts from)."""
+        if run == BASELINE:
+            return self._baseline_checkpoint(dry_run)
+        run_dir = self.run_dir(run)
+        if dry_run and not run_dir.is_dir():
+            return str(run_dir / "epoch_<last>")
+        return str(latest_checkpoint(run_dir))
+
+    def _baseline_checkpoint(self, dry_run: bool) -> str:
+        """`tiny` names the embedded model's checkpoint (built on first use, not by a dry run)."""
+        where = self.spec.baseline["checkpoint"]
+        if where != "tiny":
+            return where
+        from components.models.tiny import tiny_checkpoint_dir, tiny_checkpoint_path
+
+        return str(tiny_checkpoint_path()) if dry_run else tiny_checkpoint_dir()
+
+    def resolve(self, text: str, dry_run: bool = False) -> str:
+        """Replace `{output:RUN}` (a run's folder) and `{checkpoint:RUN}` (its last epoch_N)."""
+
+        def replace(match: "re.Match[str]") -> str:
+            kind, run = match.groups()
+            if run not in self.spec.runs and run != BASELINE:
+                raise ValueError(f"{self.spec.path}: {match.group(0)} names no run")
+            return str(self.run_dir(run)) if kind == "output" else self.checkpoint_of(run, dry_run)
+
+        return _PLACEHOLDER.sub(replace, text)
+
+    def command(self, step: Step, dry_run: bool = False) -> List[str]:
+        """The exact command line of a step, with `{output:RUN}`/`{checkpoint:RUN}` resolved."""
+        if step.kind == "train":
+            run = self.spec.runs[step.run]
+            if run.command:
+                here = str(step.output_dir)
+                return [self.resolve(part, dry_run).replace("{output_dir}", here) for part in run.command]
+            command = ["tune", "run"]
+            if run.nproc_per_node:
+                command += ["--nproc_per_node", str(run.nproc_per_node)]
+            command += [run.recipe, "--config", run.config]
+            for key, value in run.overrides.items():
+                command.append(f"{key}={self.resolve(cli_value(value), dry_run)}")
+            return command + [f"output_dir={step.output_dir}"]
+        evaluation = self.spec.evaluations[step.evaluation]
+        return [
+            "medtune", "eval", self.checkpoint_of(step.run, dry_run),
+            "--tasks", ",".join(evaluation.tasks),
+            "--output-dir", str(step.output_dir),
+            *evaluation.options,
+        ]
+
+    # ---- keys and markers ----------------------------------------------------------------
+    def _key(self, step: Step, command: List[str], keys: Dict[str, str]) -> str:
+        parts: List[str] = [json.dumps(command), json.dumps(self.spec.env, sort_keys=True)]
+        if step.kind == "train":
+            run = self.spec.runs[step.run]
+            for local in filter(None, (run.config, run.recipe)):
+                path = self.repo / local
+                parts.append(path.read_text() if path.is_file() else local)
+        parts += [keys.get(n, "") for n in step.needs]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+    @staticmethod
+    def read_marker(step: Step) -> Optional[Dict[str, Any]]:
+        path = step.output_dir / MARKER
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    @staticmethod
+    def _write_marker(step: Step, record: Dict[str, Any]) -> None:
+        tmp = step.output_dir / f".{MARKER}.tmp"
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, step.output_dir / MARKER)
+
+    # ---- execution -------------------------------------------------------------------------
+    def dry_run(self) -> List[str]:
+        """Every command the study would run, in order, without running anything."""
+        return [" ".join(self.command(step, dry_run=True)) for step in self.steps]
+
+    def run(self, echo=print) -> List[Outcome]:
+        """Run every step that is not up to date; return what happened to each."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        keys: Dict[str, str] = {}
+        failed: List[str] = []
+        outcomes: List[Outcome] = []
+        total = len(self.steps)
+        for index, step in enumerate(self.steps, 1):
+            prefix = f"[{index}/{total}] {step.name}"
+            blocked = [n for n in step.needs if n in failed]
+            if blocked:
+                failed.append(step.name)
+                outcomes.append(Outcome(step, f"skipped (needs {', '.join(blocked)})"))
+                echo(f"{prefix}: skipped, needs {', '.join(blocked)}")
+                continue
+            try:
+                command = self.command(step)
+            except FileNotFoundError as error:
+                failed.append(step.name)
+                outcomes.append(Outcome(step, "failed", message=str(error)))
+                echo(f"{prefix}: failed: {error}")
+                continue
+            key = keys[step.name] = self._key(step, command, keys)
+            marker = self.read_marker(step)
+            if marker and marker.get("key") == key and marker.get("status") == "done":
+                outcomes.append(Outcome(step, "skipped (up to date)", command, marker.get("seconds", 0.0), marker.get("peak_rss_mb")))
+                echo(f"{prefix}: up to date, skipped")
+                continue
+            echo(f"{prefix}: {' '.join(command)}")
+            outcome = self._execute(step, command)
+            outcomes.append(outcome)
+            if outcome.status == "done":
+                self._write_marker(step, {"key": key, "status": "done", "command": command,
+                                          "seconds": outcome.seconds, "peak_rss_mb": outcome.peak_rss_mb})
+                echo(f"{prefix}: done in {outcome.seconds:.0f} s")
+            else:
+                failed.append(step.name)
+                echo(f"{prefix}: FAILED ({outcome.message}); log: {step.output_dir / 'medtune_step.log'}")
+        return outcomes
+
+    def _execute(self, step: Step, command: List[str]) -> Outcome:
+        """Run one command into a fresh folder, logging its output; record time and peak RSS."""
+        if step.output_dir.exists():
+            shutil.rmtree(step.output_dir)
+        step.output_dir.mkdir(parents=True)
+        executable = Path(sys.executable).parent / command[0]
+        argv = [str(executable) if executable.exists() else command[0], *command[1:]]
+        started = time.perf_counter()
+        with open(step.output_dir / "medtune_step.log", "w") as log:
+            env = {**os.environ, **self.spec.env}
+            proc = subprocess.Popen(argv, cwd=self.repo, env=env, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                _, status, usage = os.wait4(proc.pid, 0)
+            except KeyboardInterrupt:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                raise
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - started
+        peak = usage.ru_maxrss / 1024  # KiB on Linux
+        if proc.returncode != 0:
+            return Outcome(step, "failed", command, seconds, peak, f"exit code {proc.returncode}")
+        return Outcome(step, "done", command, seconds, peak)

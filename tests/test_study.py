@@ -1,0 +1,113 @@
+"""`medtune study`: checked study files, resumable steps, failures contained, reports written."""
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from components.study.report import Cell, paired_difference, render_markdown
+from components.study.runner import StudyRunner
+from components.study.spec import StudyError, load_study
+from tests.helpers import REPO_ROOT, run_cli
+
+WRITE = "import pathlib, sys; p = pathlib.Path(sys.argv[1]); p.write_text(str(p.stat().st_ino if p.exists() else 'new'))"
+FAIL = "import sys; sys.exit(3)"
+
+
+def write_study(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def command_study(tmp_path: Path, second: str = WRITE) -> Path:
+    """Three command steps: a -> b (depends on a), and c on its own."""
+    return write_study(
+        tmp_path,
+        f"""
+        name: t
+        output_dir: {tmp_path / 'out'}
+        runs:
+          a: {{command: [python, -c, "{WRITE}", "{{output_dir}}/a.txt"]}}
+          b: {{command: [python, -c, "{second}", "{{output:a}}/from_b.txt"], depends_on: [a]}}
+          c: {{command: [python, -c, "{WRITE}", "{{output_dir}}/c.txt"]}}
+        """,
+    )
+
+
+def test_unknown_key_names_the_file_and_the_closest_valid_key(tmp_path):
+    path = write_study(tmp_path, "name: t\nruns:\n  a: {recipe: r, config: c, overide: {}}\n")
+    with pytest.raises(StudyError, match=r"study.yaml: runs.a: unknown key 'overide'; did you mean 'overrides'"):
+        load_study(str(path))
+
+
+def test_dependency_cycles_and_missing_runs_fail_before_any_work(tmp_path):
+    cycle = write_study(
+        tmp_path,
+        "name: t\nruns:\n  a: {recipe: r, config: c, depends_on: [b]}\n  b: {recipe: r, config: c, depends_on: [a]}\n",
+    )
+    with pytest.raises(StudyError, match="cycle: a -> b -> a"):
+        load_study(str(cycle))
+    missing = write_study(tmp_path, "name: t\nruns:\n  a: {recipe: r, config: c}\nevaluations:\n  e: {tasks: [x], runs: [zz]}\n")
+    with pytest.raises(StudyError, match="evaluations.e.runs: no run named 'zz'"):
+        load_study(str(missing))
+
+
+def test_the_shipped_study_files_load_and_dry_run(tmp_path):
+    for path in sorted((REPO_ROOT / "configs" / "studies").glob("*.yaml")):
+        spec = load_study(str(path))
+        for run in spec.runs.values():
+            if run.config:
+                assert (REPO_ROOT / run.config).is_file(), f"{path.name}: {run.name}: {run.config}"
+    proc = run_cli("medtune", ["study", "configs/studies/quickstart.yaml", "--dry-run", "--output-dir", str(tmp_path)])
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == f"tune run full_finetune_single_device --config configs/tiny/full_sft.yaml output_dir={tmp_path}/runs/full_sft"
+    # stage 2 of KnowTuning starts from stage 1's folder
+    assert any(f"stage1_dir={tmp_path}/runs/knowtuning_ka" in line for line in lines)
+    assert not (tmp_path / "runs").exists(), "a dry run must not run anything"
+
+
+def test_finished_steps_are_skipped_and_changed_ones_rerun(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = load_study(str(command_study(tmp_path)))
+    first = StudyRunner(spec).run(echo=lambda _: None)
+    assert [o.status for o in first] == ["done", "done", "done"]
+    again = StudyRunner(spec).run(echo=lambda _: None)
+    assert [o.status for o in again] == ["skipped (up to date)"] * 3
+    # changing a's command makes a new key for a and for b, which builds on it; c stays
+    changed = load_study(str(command_study(tmp_path)))
+    changed.runs["a"].command.append("--extra")
+    statuses = {o.step.name: o.status for o in StudyRunner(changed).run(echo=lambda _: None)}
+    assert statuses == {"train/a": "done", "train/b": "done", "train/c": "skipped (up to date)"}
+
+
+def test_a_failed_step_skips_its_dependants_and_the_rest_go_on(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = command_study(tmp_path)
+    path.write_text(path.read_text().replace(f'"{WRITE}", "{{output_dir}}/a.txt"', f'"{FAIL}"'))
+    outcomes = StudyRunner(load_study(str(path))).run(echo=lambda _: None)
+    statuses = {o.step.name: o.status for o in outcomes}
+    assert statuses == {"train/a": "failed", "train/b": "skipped (needs train/a)", "train/c": "done"}
+    assert not (tmp_path / "out" / "runs" / "a" / "medtune_step.json").exists()
+
+
+def test_paired_difference_marks_noise_as_not_significant():
+    base = {i: float(i % 2) for i in range(120)}
+    same_but_one = {**base, 0: 1.0}
+    diff, low, high = paired_difference(same_but_one, base)
+    assert diff == pytest.approx(1 / 120) and low <= 0 <= high
+    cell = Cell("usmle", "X", "x", "usmle_step1_gen", "acc", 0.5, 120, 0.4, 0.6, diff, low, high)
+    assert cell.significant is False
+    everything = {i: 1.0 for i in range(120)}
+    assert Cell("usmle", "X", "x", "t", "acc", 1, 120, 1, 1, *paired_difference(everything, base)).significant
+
+
+def test_report_layout_has_the_studys_tables(tmp_path):
+    spec = load_study(str(REPO_ROOT / "configs" / "studies" / "quickstart.yaml"))
+    cells = [
+        Cell("usmle", "Baseline (untrained)", "baseline", "usmle_step1_gen", "acc", 0.25, 12, 0.0, 0.5),
+        Cell("usmle", "Full SFT", "full_sft", "usmle_step1_gen", "acc", 0.5, 12, 0.25, 0.75, 0.25, -0.1, 0.6, 0.39),
+    ]
+    text = render_markdown(spec, cells)
+    assert "| Method | Step 1 |" in text
+    assert "| Full SFT | 0.500 [0.250, 0.750] (+0.250 n.s.); study 0.39 |" in text
