@@ -5,7 +5,6 @@ import random
 from collections import Counter
 
 import pytest
-import torch
 
 from components.data.errors import DataError
 from components.data.json_records import read_json_records

@@ -18,10 +18,11 @@ import argparse
 import importlib
 import json
 from functools import partial
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 DEFAULT_SPEC = "medquad:lavita/MedQuAD"
+#: build-kc warns when the best length-only rule is right more often than this, over all pairs.
+LENGTH_WARNING = 0.65
 
 
 def load_rewriter(path: Optional[str]):
@@ -98,6 +99,13 @@ def build_kc(args: argparse.Namespace) -> int:
         print(f"  no {s['type']} negative for item {s['item']}: {s['reason']}")
     print_length_table(report["length"])
     print_length_table(report["length_chars"])
+    overall = report["length"].get("all", {}).get("length_only_accuracy", 0.5)
+    if overall > LENGTH_WARNING:
+        print(
+            f"warning: length alone tells rejected from chosen in {overall:.0%} of the pairs "
+            f"(above {LENGTH_WARNING:.0%}); a model can learn length instead of knowledge. "
+            "Lower --delete-ratio or balance the --types."
+        )
     return 0
 
 
@@ -108,7 +116,7 @@ def build_ka(args: argparse.Namespace) -> int:
     records = _records(args)
     cfg = load_config(args.config, args.override or ())
     template = args.template or cfg.get("dataset", {}).get("template", "medalpaca")
-    model, tokenizer = load_model(cfg, device=args.device)
+    model, tokenizer = load_model(cfg, device=args.device, dtype=args.dtype)
     scorer = partial(fact_perplexities, model, tokenizer, template=template, batch_size=args.batch_size, device=args.device)
     rows, report = build_ka_records(
         records,
@@ -139,7 +147,7 @@ def margin(args: argparse.Namespace) -> int:
     pairs = read_json_records(args.pairs)
     results = {}
     for checkpoint in args.checkpoint:
-        model, tokenizer = load_model(cfg, checkpoint_dir=checkpoint, device=args.device)
+        model, tokenizer = load_model(cfg, checkpoint_dir=checkpoint, device=args.device, dtype=args.dtype)
         logps = preference_log_probs(model, tokenizer, pairs, template=template, batch_size=args.batch_size, device=args.device)
         results[checkpoint] = margin_report(pairs, logps)
     if args.json:
@@ -176,6 +184,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", help="prompt template (default: the config's dataset.template, else medalpaca)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="model precision (default fp32)")
 
 
 def add_knowtuning_command(subparsers: argparse._SubParsersAction) -> None:

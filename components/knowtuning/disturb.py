@@ -31,7 +31,8 @@ def _format_int(value: int, like: str) -> str:
 
 
 def change_number(fact: str, rng: random.Random, context: Mapping[str, Any]) -> Optional[Tuple[str, Dict]]:
-    """Replace one number with a different, plausible-looking one (years move by years)."""
+    """Replace one number with a different, plausible-looking one: years move by years,
+    percentages stay percentages (5 to 95), small counts stay small (2 to 12)."""
     matches = list(_NUMBER.finditer(fact))
     if not matches:
         return None
@@ -44,6 +45,9 @@ def change_number(fact: str, rng: random.Random, context: Mapping[str, Any]) -> 
         new = f"{new_value:.{decimals}f}"
         if new == text:
             new = f"{value + 1:.{decimals}f}"
+    elif re.match(r"\s*(%|percent\b)", fact[match.end(1) :]) and int(text.replace(",", "")) <= 100:
+        value = int(text)
+        new = str(rng.choice([v for v in (5, 10, 15, 20, 25, 30, 40, 50, 60, 70, 75, 80, 90, 95) if v != value]))
     else:
         value = int(text.replace(",", ""))
         if 1800 <= value <= 2100 and "," not in text:  # a year
@@ -51,7 +55,7 @@ def change_number(fact: str, rng: random.Random, context: Mapping[str, Any]) -> 
         elif value < 2:
             new_value = rng.randint(2, 9)
         elif value <= 12:
-            new_value = rng.choice([v for v in range(2, 13) if v != value] + [value * 10])
+            new_value = rng.choice([v for v in range(2, 13) if v != value])
         else:
             new_value = rng.choice([value * 2, value * 10, max(2, value // 3)])
             if new_value == value:

@@ -33,7 +33,6 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 from components.knowtuning.disturb import (
     FALSIFIERS,
-    Disturbance,
     delete_facts,
     falsify_facts,
     reorder_facts,
