@@ -27,15 +27,38 @@ TASKS_DIR = REPO_ROOT / "evals" / "tasks"
 _SKIP_METRICS = {"acc_ci95_low", "acc_ci95_high"}
 
 
-def task_manager(include_path: Optional[Union[str, Sequence[str]]] = None, metadata: Optional[Dict[str, Any]] = None):
-    """lm-eval's ``TaskManager`` with ``evals/tasks`` (and any extra folders) included."""
+def medtune_task_names() -> set:
+    """Every task and group name defined under ``evals/tasks``."""
+    import yaml
+
+    names = set()
+    for path in TASKS_DIR.rglob("*.yaml"):
+        text = path.read_text(encoding="utf-8")
+        for key in ("task", "group"):
+            for line in text.splitlines():
+                if line.startswith(f"{key}:") and line.split(":", 1)[1].strip():
+                    names.add(yaml.safe_load(line)[key])
+    return {n for n in names if isinstance(n, str)}
+
+
+def task_manager(
+    include_path: Optional[Union[str, Sequence[str]]] = None,
+    metadata: Optional[Dict[str, Any]] = None,
+    tasks: Optional[Iterable[str]] = None,
+):
+    """lm-eval's ``TaskManager`` with ``evals/tasks`` (and any extra folders) included.
+
+    lm-eval's own task folders (thousands of YAML files, seconds to index) are left out when
+    every requested task is one of ours.
+    """
     from lm_eval.tasks import TaskManager
 
     paths: List[str] = [str(TASKS_DIR)]
     if include_path:
         extra = [include_path] if isinstance(include_path, str) else list(include_path)
         paths += [str(Path(p).resolve()) for p in extra if Path(p).resolve() != TASKS_DIR]
-    return TaskManager(include_path=paths, metadata=metadata or {})
+    ours_only = tasks is not None and len(paths) == 1 and set(tasks) <= medtune_task_names()
+    return TaskManager(include_path=paths, include_defaults=not ours_only, metadata=metadata or {})
 
 
 def split_tasks(tasks: Union[str, Iterable[str]]) -> List[str]:
@@ -151,10 +174,11 @@ def run_tasks(
     from components.evaluation.usmle import DATA_REPORTS
 
     DATA_REPORTS.clear()
+    tasks = split_tasks(tasks)
     results = simple_evaluate(
         model=lm,
-        tasks=split_tasks(tasks),
-        task_manager=task_manager(include_path, metadata),
+        tasks=tasks,
+        task_manager=task_manager(include_path, metadata, tasks),
         limit=limit,
         log_samples=True,
         gen_kwargs=gen_kwargs,

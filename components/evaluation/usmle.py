@@ -11,9 +11,10 @@ by one ``X: option`` line per option as the input, and the response opened with
   letter is wrong.
 - ``usmle_stepN`` (log-likelihood): the model's choice is the option letter (`` A``, `` B``, ...)
   with the highest log-likelihood after the prompt. A question that lists no options cannot be
-  asked this way (Step 2 no. 119): it is left out and reported. Step 2 no. 115 has its option E
-  glued onto option D (``Pyelonephritis\\n\\nAnswer E: Tubo-ovarian abscess``, key E): the
-  multiple-choice task splits it back into D and E and reports the repair.
+  asked this way (Step 2 no. 119): it is left out and reported. In Step 2 nos. 104, 115 and 118
+  the last option swallowed the next one (``Pyelonephritis\\n\\nAnswer E: Tubo-ovarian abscess``;
+  no. 115's key is that E): the multiple-choice task splits them back apart and reports the
+  repair. (No. 91's option B holds a second "Answer C" although a C exists: left as published.)
 
 Data: from the Hub (``medalpaca/medical_meadow_usmle_self_assessment``, the raw JSON files), or
 a local folder in the same layout named by the task metadata ``usmle_dir`` or the environment
