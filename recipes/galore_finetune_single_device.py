@@ -299,7 +299,8 @@ class GaLoreFinetuneRecipeSingleDevice(FTRecipeInterface):
         candidates = []
         for state_file in Path(self._output_dir).glob(f"*/{RECIPE_STATE_FILE}"):
             if state_file.parent.name.startswith(("step_", "epoch_")):
-                step = torch.load(state_file, map_location="cpu", weights_only=True)
+                # mmap: only the step count is read, not the optimizer state
+                step = torch.load(state_file, map_location="cpu", weights_only=True, mmap=True)
                 candidates.append((step[GLOBAL_STEP_KEY], state_file.stat().st_mtime, state_file.parent))
         if not candidates:
             raise ValueError(

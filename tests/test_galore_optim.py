@@ -30,6 +30,16 @@ STEPS = 5
 ATOL = 1e-6
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread: on a small shared CPU machine a 2-thread LAPACK SVD (GaLore's projection
+    update) can take 100x longer than a 1-thread one."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def make_model() -> nn.Module:
     torch.manual_seed(0)
     return tiny_llama3_2()  # fp32
