@@ -24,6 +24,10 @@ def isolated_caches(tmp_path_factory):
         "HF_DATASETS_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "HF_HOME": str(cache / "hf"),
+        # One OpenMP thread per subprocess: on a small shared machine, threads of several
+        # processes spin against each other (a GaLore SVD or a train step up to 30x slower);
+        # the pinned losses were measured this way.
+        "OMP_NUM_THREADS": "1",
     }
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)

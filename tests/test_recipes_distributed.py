@@ -118,10 +118,10 @@ def load_recipe(name: str):
 def test_qlora_nf4_shardability_check():
     """Which NF4 weights FSDP2 can shard: each of an NF4 weight's three parts (packed data,
     one scaler per 64 values, one scaler factor per 16,384 values) must split evenly. The tiny
-    model's k/v projections (64 x 256 = 16,384 values, a single scaler factor) cannot be split
-    across 2 processes, so `tune run --nproc_per_node 2 ... configs/tiny/qlora.yaml` stops before
-    sharding with this message (instead of an assertion inside torchao); one process hits a torch
-    FSDP2 shortcut that NF4 does not survive, and stops with its own message."""
+    model's smallest NF4 weights (k/v, 128 x 256 = 2 scaler factors) split across 2 processes but
+    not 4, where the recipe stops before sharding with this message (instead of an assertion
+    inside torchao); one process hits a torch FSDP2 shortcut that NF4 does not survive, and stops
+    with its own message."""
     from torchtune.models.llama3_2 import lora_llama3_2
 
     from components.models import qlora_tiny_llama3_2
@@ -131,77 +131,20 @@ def test_qlora_nf4_shardability_check():
     modules = ["q_proj", "k_proj", "v_proj", "output_proj"]
     with torch.device("meta"):
         tiny = qlora_tiny_llama3_2(modules)
-        wider_kv = lora_llama3_2(
-            modules, **{**TINY_DIMS, "num_kv_heads": 4}, lora_rank=8, lora_alpha=16,
-            quantize_base=True,
-        )
         plain_lora = lora_llama3_2(modules, **TINY_DIMS, lora_rank=8, lora_alpha=16)
     with pytest.raises(ValueError, match="in a single process"):
         check(tiny, 1)
-    with pytest.raises(ValueError, match=r"layers\.0\.attn\.k_proj\.weight of shape \(64, 256\)"):
-        check(tiny, 2)
-    check(wider_kv, 2)  # k/v projections of 128 x 256 = 2 scaler factors: shardable by 2
-    with pytest.raises(ValueError, match="multiple of 16,384 x 4 = 65536"):
-        check(wider_kv, 4)
+    check(tiny, 2)
+    with pytest.raises(ValueError, match=r"layers\.0\.attn\.k_proj\.weight of shape \(128, 256\)"):
+        check(tiny, 4)
     check(plain_lora, 1)  # nothing quantized: nothing to check
 
 
-@pytest.fixture(scope="module")
-def wide_kv_qlora_config(tmp_path_factory) -> Path:
-    """configs/tiny/qlora.yaml on the tiny model with 4 instead of 2 KV heads (k/v projections of
-    128 x 256 = 2 NF4 scaler factors, so FSDP2 can shard every NF4 weight across 2 processes):
-    a randomly initialised HF checkpoint beside the tiny model's tokenizer files."""
-    import shutil
-
-    from omegaconf import OmegaConf
-    from safetensors.torch import save_file
-    from torchtune.models.convert_weights import tune_to_hf
-    from torchtune.models.llama3_2 import llama3_2
-
-    from components.models import tiny_checkpoint_dir
-    from components.models.tiny import TINY_DIMS
-
-    src = Path(tiny_checkpoint_dir())
-    ckpt = tmp_path_factory.mktemp("wide_kv") / "checkpoint"
-    shutil.copytree(src, ckpt, ignore=shutil.ignore_patterns("*.safetensors"))
-    dims = {**TINY_DIMS, "num_kv_heads": 4}
-    hf_config = json.loads((src / "config.json").read_text())
-    hf_config["num_key_value_heads"] = dims["num_kv_heads"]
-    (ckpt / "config.json").write_text(json.dumps(hf_config))
-    torch.manual_seed(0)
-    model = llama3_2(**dims)
-    with torch.no_grad():  # the tiny model's own init: N(0, 0.02) weights, unit norms
-        for name, param in model.named_parameters():
-            param.fill_(1.0) if "norm" in name else param.normal_(mean=0.0, std=0.02)
-    state = tune_to_hf(
-        model.state_dict(),
-        num_heads=dims["num_heads"],
-        num_kv_heads=dims["num_kv_heads"],
-        dim=dims["embed_dim"],
-        head_dim=hf_config["head_dim"],
-    )
-    save_file({k: v.contiguous() for k, v in state.items()}, ckpt / "model.safetensors")
-
-    cfg = OmegaConf.load("configs/tiny/qlora.yaml")
-    lora = {k: v for k, v in cfg.model.items() if k != "_component_"}
-    cfg.model = {"_component_": "torchtune.models.llama3_2.lora_llama3_2", **lora, **dims,
-                 "quantize_base": True}
-    cfg.checkpointer = {
-        "_component_": "torchtune.training.FullModelHFCheckpointer",
-        "checkpoint_dir": str(ckpt),
-        "checkpoint_files": ["model.safetensors"],
-        "model_type": "LLAMA3_2",
-        "output_dir": "${output_dir}",
-    }
-    path = ckpt.parent / "qlora_wide_kv.yaml"
-    OmegaConf.save(cfg, path)
-    return path
-
-
-def test_qlora_trains_on_two_cpu_processes(wide_kv_qlora_config, tmp_path):
+def test_qlora_trains_on_two_cpu_processes(tmp_path):
     """QLoRA under FSDP2 over gloo: NF4 shards all-gathered on CPU, the loss falls, and the saved
     adapter reproduces the merged weights on the NF4 base (see the single-device QLoRA test;
     here the gathered NF4 base is dequantized to float32, so the fp32 tolerance holds)."""
+    from components.models import tiny_checkpoint_dir
     from tests.test_recipe_lora_single_device import (
         LOGITS_ATOL,
         check_peft_matches_merged,
@@ -210,7 +153,7 @@ def test_qlora_trains_on_two_cpu_processes(wide_kv_qlora_config, tmp_path):
 
     out = tmp_path / "qlora2"
     tune_run(
-        "lora_finetune_distributed", str(wide_kv_qlora_config), 2, out, *FAST, "batch_size=2",
+        "lora_finetune_distributed", "configs/tiny/qlora.yaml", 2, out, *FAST, "batch_size=2",
         "model.lora_dropout=0.0",
     )
     losses = read_losses(out / "logs")
@@ -218,5 +161,5 @@ def test_qlora_trains_on_two_cpu_processes(wide_kv_qlora_config, tmp_path):
     assert losses[STEPS] < losses[1] - 0.1, losses
     for epoch in range(EPOCHS):
         assert not [f for f in files_under(out / f"epoch_{epoch}") if "adapter" in f]
-    base = nf4_roundtrip_base(wide_kv_qlora_config.parent / "checkpoint", via=torch.float32)
+    base = nf4_roundtrip_base(Path(tiny_checkpoint_dir()), via=torch.float32)
     check_peft_matches_merged(out, base, EPOCHS - 1, atol=LOGITS_ATOL)

@@ -3,9 +3,11 @@
 The checkpoint is an ordinary Hugging Face directory (model.safetensors, config.json, tokenizer
 files, and Llama 3's `original/tokenizer.model` rank file for torchtune), so the very same folder
 feeds torchtune's `FullModelHFCheckpointer`, `transformers.AutoModelForCausalLM` and
-`lm_eval --model hf`. Its dimensions keep Llama 3.2 3B's structure (GQA 4:1, tied embeddings,
-scaled RoPE) and make every linear weight a multiple of 16,384 elements, which torchao's NF4
-(QLoRA) requires. The folder name carries a hash of everything it is made from, so a change to
+`lm_eval --model hf`. Its dimensions keep Llama 3.2 3B's structure (grouped-query attention,
+tied embeddings, scaled RoPE) and make every linear weight a multiple of 2 x 16,384 elements:
+torchao's NF4 (QLoRA) needs 16,384, and FSDP2 must split each NF4 weight evenly across 2
+processes (4 key/value heads rather than 3B's 8:24 ratio, whose k/v would be too small here).
+The folder name carries a hash of everything it is made from, so a change to
 the dimensions or to the sample data makes a new one instead of reusing a stale one.
 """
 
@@ -40,7 +42,7 @@ TINY_DIMS = dict(
     vocab_size=NUM_REGULAR_TOKENS + NUM_SPECIAL_TOKENS,
     num_layers=4,
     num_heads=8,
-    num_kv_heads=2,
+    num_kv_heads=4,
     embed_dim=256,
     intermediate_dim=768,
     max_seq_len=131_072,
