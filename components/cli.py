@@ -19,7 +19,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from components.knowtuning.cli import add_knowtuning_command
 from components.evaluation.cli import add_eval_command, add_score_command
-from components.quickstart import add_quickstart_command
 from components.study.cli import add_study_command
 
 KINDS = ("meadow", "medquad", "usmle", "mixture")
@@ -204,7 +203,6 @@ def add_data_command(subparsers: argparse._SubParsersAction) -> None:
 
 COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [
     add_data_command,
-    add_quickstart_command,
     add_knowtuning_command,
     add_study_command,
     add_eval_command,

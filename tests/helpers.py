@@ -1,6 +1,7 @@
 """Running the real `tune` and `medtune` executables of this environment in a subprocess."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,3 +29,17 @@ def run_cli(
             f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+_HEADER_RUN = re.compile(r"^#\s+tune run (\S+) --config (\S+)\s*$")
+
+
+def header_command(config: Path) -> List[str]:
+    """`tune run <recipe> --config <config>`: the first single-process run line of a config's header."""
+    for line in Path(config).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        match = _HEADER_RUN.match(line)
+        if match:
+            return ["tune", "run", match.group(1), "--config", match.group(2)]
+    raise ValueError(f"{config}: no '# tune run <recipe> --config <path>' line in its header")

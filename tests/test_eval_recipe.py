@@ -5,8 +5,7 @@ import json
 
 import pytest
 
-from components.quickstart import header_command
-from tests.helpers import REPO_ROOT, run_cli
+from tests.helpers import REPO_ROOT, header_command, run_cli
 
 SAMPLE_USMLE = REPO_ROOT / "components" / "data" / "sample" / "usmle"
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from components.quickstart import header_command, latest_log
-from tests.helpers import BIN, REPO_ROOT, run_cli
+from components.metric_logs import latest_log
+from tests.helpers import BIN, REPO_ROOT, header_command, run_cli
 
 STEPS = 16
 SAVE_EVERY = 6

@@ -13,8 +13,8 @@ import pytest
 
 from components.knowtuning.scoring import load_config, load_model, margin_report, preference_log_probs
 from components.data.json_records import read_json_records
-from components.quickstart import header_command, latest_log
-from tests.helpers import REPO_ROOT, run_cli
+from components.metric_logs import latest_log
+from tests.helpers import REPO_ROOT, header_command, run_cli
 
 SAMPLE = REPO_ROOT / "components" / "data" / "sample" / "knowtuning_medquad" / "medquad_test.json"
 KA_CONFIG = REPO_ROOT / "configs" / "tiny" / "knowtuning_ka.yaml"

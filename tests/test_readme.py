@@ -17,7 +17,7 @@ def test_quickstart_and_tests_are_single_lines():
     for heading in ("## Quickstart", "## Tests"):
         block = first_code_block(heading)
         assert block.count("\n") == 1, f"{heading}: the first code block must be one line"
-    assert first_code_block("## Quickstart").strip().endswith("medtune quickstart")
+    assert first_code_block("## Quickstart").strip().endswith("medtune study configs/studies/quickstart.yaml")
     assert first_code_block("## Tests").strip().endswith("pytest")
 
 

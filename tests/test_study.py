@@ -1,5 +1,6 @@
 """`medtune study`: checked study files, resumable steps, failures contained, reports written."""
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -111,3 +112,56 @@ def test_report_layout_has_the_studys_tables(tmp_path):
     text = render_markdown(spec, cells)
     assert "| Method | Step 1 |" in text
     assert "| Full SFT | 0.500 [0.250, 0.750] (+0.250 n.s.); study 0.39 |" in text
+
+
+def test_a_small_study_end_to_end_through_tune_and_lm_eval(tmp_path):
+    """One real training and its evaluation beside the baseline's, then the report; a second
+    call finds everything up to date."""
+    out = tmp_path / "out"
+    path = write_study(
+        tmp_path,
+        f"""
+        name: small
+        output_dir: {out}
+        env:
+          MEDTUNE_USMLE_DIR: components/data/sample/usmle
+        baseline: {{checkpoint: tiny}}
+        runs:
+          full_sft:
+            label: Full SFT
+            recipe: full_finetune_single_device
+            config: configs/tiny/full_sft.yaml
+            overrides: {{max_steps_per_epoch: 4}}
+        evaluations:
+          usmle:
+            table: usmle
+            tasks: [usmle_step1, usmle_step3]
+            runs: [baseline, full_sft]
+        published:
+          baseline: {{usmle_step1: {{acc: 0.39}}}}
+        """,
+    )
+    first = run_cli("medtune", ["study", str(path)])
+    assert "[3/3] eval/usmle/full_sft: done" in first.stdout
+    table = (out / "results.md").read_text()
+    assert "| Method | Step 1 | Step 3 |" in table
+    baseline_row = next(line for line in table.splitlines() if line.startswith("| Baseline |"))
+    assert "; study 0.39" in baseline_row
+    sft_row = next(line for line in table.splitlines() if line.startswith("| Full SFT |"))
+    assert sft_row.count("(") == 2, sft_row  # a difference to the baseline in each cell
+    cells = json.loads((out / "results.json").read_text())
+    assert {(c["run"], c["task"]) for c in cells} == {
+        (r, t) for r in ("baseline", "full_sft") for t in ("usmle_step1", "usmle_step3")
+    }
+    assert all(c["n"] == 12 for c in cells)
+    manifest = json.loads((out / "manifest.json").read_text())
+    train = manifest["steps"][0]
+    assert train["command"][:3] == ["tune", "run", "full_finetune_single_device"]
+    assert train["seed"] == 42 and train["config"]["max_steps_per_epoch"] == 4
+    assert train["peak_rss_mb"] > 100 and train["tokens_per_second"] > 0
+    assert train["checkpoint"].endswith("runs/full_sft/epoch_0")
+    assert manifest["packages"]["torchtune"] == "0.6.1"
+    for name in ("loss.png", "usmle.png"):
+        assert (out / "plots" / name).stat().st_size > 1000
+    second = run_cli("medtune", ["study", str(path)])
+    assert second.stdout.count("up to date, skipped") == 3

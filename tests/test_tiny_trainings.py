@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from torchtune.models.convert_weights import hf_to_tune
 
 from components.models import tiny, tiny_llama3_2, tiny_llama3_2_tokenizer
-from components.quickstart import header_command, latest_log, read_losses
-from tests.helpers import REPO_ROOT, run_cli
+from components.metric_logs import latest_log, read_losses
+from tests.helpers import REPO_ROOT, header_command, run_cli
 
 STEPS = 16
 # The first losses of each config for seed 42, measured on this project's CPU build of torch.

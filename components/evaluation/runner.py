@@ -7,7 +7,9 @@ generations through the ``replay`` model). Each run writes, into its output dire
 - ``results.json``: lm-eval's results dictionary (metrics with ``_stderr``, task configs, versions,
   sample counts) plus a ``medtune`` section: per task and per group, for every per-question
   metric, ``n``, the mean, its standard error and a 95% bootstrap interval (groups pooled over
-  their questions), and the data reports (questions left out or repaired, and why);
+  their questions), every per-question score by ``doc_id`` (``per_question``: what a paired
+  comparison of two models on the same questions needs), and the data reports (questions left
+  out or repaired, and why);
 - ``samples/<task>.jsonl``: one line per question: the document, the prompt, the raw and
   filtered model output, the metric values.
 """
@@ -66,32 +68,45 @@ def split_tasks(tasks: Union[str, Iterable[str]]) -> List[str]:
     return [t.strip() for item in items for t in str(item).split(",") if t.strip()]
 
 
-def _numeric_metrics(samples: List[Dict[str, Any]]) -> Dict[str, List[float]]:
-    """Per-question values of each metric; MedQuAD's BERTScore items are scored (cached) here."""
+def _numeric_metrics(samples: List[Dict[str, Any]]) -> Dict[str, Dict[Any, float]]:
+    """Per-question values of each metric, by ``doc_id``; MedQuAD's BERTScore items are scored
+    (cached) here."""
     from components.evaluation.medquad import bertscore_per_item
 
-    values: Dict[str, List[float]] = {}
+    values: Dict[str, Dict[Any, float]] = {}
     bert_items: Dict[str, List[Any]] = {}
+    bert_ids: Dict[str, List[Any]] = {}
     for sample in samples:
+        doc_id = sample.get("doc_id")
         for name in sample.get("metrics", []):
             value = sample.get(name)
             if name.startswith("bertscore_") and isinstance(value, (tuple, list)) and len(value) == 4:
                 bert_items.setdefault(name, []).append(tuple(value))
+                bert_ids.setdefault(name, []).append(doc_id)
             elif name in _SKIP_METRICS or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             else:
-                values.setdefault(name, []).append(float(value))
+                values.setdefault(name, {})[doc_id] = float(value)
     for name, items in bert_items.items():
         scores = bertscore_per_item(items, name.removeprefix("bertscore_"))
         if not all(x != x for x in scores):  # all NaN: BERTScore was switched off
-            values[name] = scores
+            values[name] = dict(zip(bert_ids[name], scores))
     return values
 
 
-def summarize_results(results: Dict[str, Any]) -> Dict[str, Dict[str, Dict[str, float]]]:
+def per_question_scores(results: Dict[str, Any]) -> Dict[str, Dict[str, Dict[Any, float]]]:
+    """``{task: {metric: {doc_id: score}}}``: what paired comparisons between models need."""
+    return {task: _numeric_metrics(s) for task, s in results.get("samples", {}).items()}
+
+
+def summarize_results(
+    results: Dict[str, Any], per_question: Optional[Dict[str, Dict[str, Dict[Any, float]]]] = None
+) -> Dict[str, Dict[str, Dict[str, float]]]:
     """Per task and group: ``{metric: {n, correct, acc (the mean), stderr, ci95_low, ci95_high}}``."""
-    samples = results.get("samples", {})
-    per_task = {task: _numeric_metrics(s) for task, s in samples.items()}
+    per_task = {
+        task: {m: list(v.values()) for m, v in metrics.items()}
+        for task, metrics in (per_question or per_question_scores(results)).items()
+    }
     summary = {task: {m: summarize(v) for m, v in metrics.items()} for task, metrics in per_task.items()}
 
     def leaves(name: str) -> List[str]:
@@ -189,7 +204,12 @@ def run_tasks(
     )
     if results is None:  # a non-zero rank in a distributed run
         return {}
-    results["medtune"] = {"summary": summarize_results(results), "data_reports": _data_reports()}
+    per_question = per_question_scores(results)
+    results["medtune"] = {
+        "summary": summarize_results(results, per_question),
+        "per_question": per_question,
+        "data_reports": _data_reports(),
+    }
     if output_dir is not None:
         path = write_outputs(results, output_dir)
         logger.info("wrote %s and %s", path, Path(output_dir) / "samples")

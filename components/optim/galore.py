@@ -28,7 +28,7 @@ and ``load_state_dict()`` rebuilds it.
 """
 
 import logging
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn

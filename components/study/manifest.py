@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from components.quickstart import latest_log
+from components.metric_logs import latest_log
 from components.study.runner import Outcome, StudyRunner, latest_checkpoint
 
 PACKAGES = ("medtune", "torch", "torchtune", "torchao", "lm_eval", "transformers", "datasets", "peft")

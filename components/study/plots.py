@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import Dict, List
 
-from components.quickstart import latest_log, read_losses
+from components.metric_logs import latest_log, read_losses
 from components.study.report import Cell
 
 

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -48,27 +49,22 @@ class Cell:
         return not (self.diff_low <= 0.0 <= self.diff_high)
 
 
-def per_question(eval_dir: Path, task: str, metric: str) -> Dict[Any, float]:
-    """`doc_id -> score` of one metric from an evaluation's `samples/<task>.jsonl`."""
-    path = eval_dir / "samples" / f"{task}.jsonl"
-    scores: Dict[Any, float] = {}
-    if not path.is_file():
-        return scores
-    for line in path.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        value = row.get(metric)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            scores[row.get("doc_id")] = float(value)
-    return scores
+@lru_cache(maxsize=None)
+def _medtune_section(results_file: str) -> Dict[str, Any]:
+    path = Path(results_file)
+    return json.loads(path.read_text()).get("medtune", {}) if path.is_file() else {}
+
+
+def per_question(eval_dir: Path, task: str, metric: str) -> Dict[str, float]:
+    """`doc_id -> score` of one metric, from the `per_question` part of `results.json`."""
+    section = _medtune_section(str(eval_dir / "results.json"))
+    return section.get("per_question", {}).get(task, {}).get(metric, {})
 
 
 def summary_of(eval_dir: Path, task: str, metric: str) -> Optional[Dict[str, float]]:
     """The medtune summary (mean, n, stderr, 95% interval) of a metric in `results.json`."""
-    path = eval_dir / "results.json"
-    if not path.is_file():
-        return None
-    summary = json.loads(path.read_text()).get("medtune", {}).get("summary", {})
-    return summary.get(task, {}).get(metric)
+    section = _medtune_section(str(eval_dir / "results.json"))
+    return section.get("summary", {}).get(task, {}).get(metric)
 
 
 def paired_difference(
@@ -85,6 +81,7 @@ def paired_difference(
 
 def collect(spec: StudySpec, root: Path) -> List[Cell]:
     """Every cell of every table, from the evaluation folders under `root/evals`."""
+    _medtune_section.cache_clear()  # the files may have been rewritten since the last call
     cells: List[Cell] = []
     labels = {BASELINE: spec.baseline.get("label", "Baseline")}
     labels.update({name: run.label for name, run in spec.runs.items()})

@@ -1,0 +1,20 @@
+"""Reading torchtune's metric logs: the DiskLogger files a recipe writes under output_dir/logs."""
+
+import re
+from pathlib import Path
+from typing import List
+
+_LOSS = re.compile(r"Step (\d+) \| .*?\bloss:([-+0-9.eE]+)")
+
+
+def latest_log(output_dir: Path) -> Path:
+    """The newest DiskLogger file under `output_dir/logs`."""
+    logs = sorted((Path(output_dir) / "logs").glob("log_*.txt"), key=lambda p: p.stat().st_mtime)
+    if not logs:
+        raise FileNotFoundError(f"no metric log under {Path(output_dir) / 'logs'}")
+    return logs[-1]
+
+
+def read_losses(log_file: Path) -> List[float]:
+    """Per-step losses from a DiskLogger file (`Step N | loss:x ...` lines)."""
+    return [float(m.group(2)) for m in _LOSS.finditer(Path(log_file).read_text())]
