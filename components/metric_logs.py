@@ -2,7 +2,7 @@
 
 import re
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
 _LOSS = re.compile(r"Step (\d+) \| .*?\bloss:([-+0-9.eE]+)")
 
@@ -15,6 +15,12 @@ def latest_log(output_dir: Path) -> Path:
     return logs[-1]
 
 
+def step_losses(log_file: Path) -> Dict[int, float]:
+    """Step -> loss from a DiskLogger file (`Step N | loss:x ...` lines); a resumed run that
+    appended to the same file keeps the last value logged for each step."""
+    return {int(m.group(1)): float(m.group(2)) for m in _LOSS.finditer(Path(log_file).read_text())}
+
+
 def read_losses(log_file: Path) -> List[float]:
-    """Per-step losses from a DiskLogger file (`Step N | loss:x ...` lines)."""
-    return [float(m.group(2)) for m in _LOSS.finditer(Path(log_file).read_text())]
+    """The losses of a DiskLogger file in step order."""
+    return [loss for _, loss in sorted(step_losses(log_file).items())]

@@ -8,7 +8,6 @@ the same losses as the run that was never stopped.
 
 import importlib.util
 import os
-import re
 import signal
 import subprocess
 import time
@@ -18,7 +17,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from components.metric_logs import latest_log
+from components.metric_logs import latest_log, step_losses
 from tests.helpers import BIN, REPO_ROOT, header_command, run_cli
 
 STEPS = 16
@@ -31,13 +30,6 @@ PINNED_FIRST_LOSSES = {
     "galore_layerwise": [7.778120, 7.518908, 7.171122],
 }
 PINNED_ATOL = 1e-4
-_STEP_LOSS = re.compile(r"Step (\d+) \| .*?\bloss:([-+0-9.eE]+)")
-
-
-def step_losses(log_file: Path) -> dict:
-    return {int(m.group(1)): float(m.group(2)) for m in _STEP_LOSS.finditer(log_file.read_text())}
-
-
 def command_for(method: str, output_dir: Path, *extra: str):
     command = header_command(REPO_ROOT / "configs" / "tiny" / f"{method}.yaml")
     assert command[:3] == ["tune", "run", "recipes/galore_finetune_single_device.py"]

@@ -14,6 +14,7 @@ from typing import Dict, List
 import pytest
 import torch
 
+from components.metric_logs import latest_log, step_losses
 from tests.helpers import run_cli
 
 RECIPE = "recipes/lora_finetune_single_device.py"
@@ -28,31 +29,6 @@ LOGITS_ATOL = 1e-4
 # sum that peft (fp32 delta on the same base) does not (measured max |diff| ~6e-3 on logits).
 QLORA_LOGITS_ATOL = 2e-2
 ADAPTER_FILES = {"adapter_model.safetensors", "adapter_config.json", "adapter_model.pt"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _offline_env(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path_factory.mktemp("tiktoken_cache")))
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    mp.setenv("HF_DATASETS_OFFLINE", "1")
-    mp.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_datasets")))
-    # One intra-op thread per process (torchrun does the same for 2+ processes): on a shared or
-    # busy CPU, OpenMP threads spin against each other and a step can take 30x longer.
-    mp.setenv("OMP_NUM_THREADS", "1")
-    yield
-    mp.undo()
-
-
-def read_losses(log_dir: Path) -> Dict[int, float]:
-    """Step -> loss from torchtune's DiskLogger file (`Step 3 | loss:7.12 lr:...`)."""
-    (log_file,) = sorted(log_dir.glob("log_*.txt"))
-    losses = {}
-    for line in log_file.read_text().splitlines():
-        m = re.match(r"Step (\d+) \| .*\bloss:(\S+)", line)
-        if m:
-            losses[int(m.group(1))] = float(m.group(2))
-    return losses
 
 
 def tune_run(config: str, out: Path, *overrides: str) -> str:
@@ -166,7 +142,7 @@ def check_peft_matches_merged(out: Path, base, epoch: int = 0, atol: float = LOG
 
 
 def test_lora_loss_falls_and_adapter_is_kept_apart(lora_run):
-    assert_loss_falls(read_losses(lora_run / "logs"))
+    assert_loss_falls(step_losses(latest_log(lora_run)))
     for epoch in (0, 1):
         assert_adapter_layout(lora_run, epoch)
     assert (lora_run / "recipe_state" / "recipe_state.pt").is_file()
@@ -198,8 +174,8 @@ def test_lora_resume_finds_adapter_in_its_folder(lora_run, tmp_path):
                 dst.write_bytes(f.read_bytes())
     log = tune_run("configs/tiny/lora.yaml", out, *LORA_RUN, "resume_from_checkpoint=True")
     assert f"adapter_checkpoint: {(out / 'adapter' / 'epoch_0' / 'adapter_model.pt').resolve()}" in log
-    resumed = read_losses(out / "logs")
-    uninterrupted = read_losses(lora_run / "logs")
+    resumed = step_losses(latest_log(out))
+    uninterrupted = step_losses(latest_log(lora_run))
     # It continues the step count and reproduces the uninterrupted run's epoch 1.
     assert sorted(resumed) == list(range(11, 21))
     for step in resumed:
@@ -210,7 +186,7 @@ def test_lora_resume_finds_adapter_in_its_folder(lora_run, tmp_path):
 def test_qlora_loss_falls_and_adapter_reproduces_merged_on_nf4_base(qlora_run):
     from components.models import tiny_checkpoint_dir
 
-    assert_loss_falls(read_losses(qlora_run / "logs"))
+    assert_loss_falls(step_losses(latest_log(qlora_run)))
     assert_adapter_layout(qlora_run, 0)
     check_peft_matches_merged(
         qlora_run, nf4_roundtrip_base(Path(tiny_checkpoint_dir())), atol=QLORA_LOGITS_ATOL

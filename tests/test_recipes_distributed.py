@@ -7,13 +7,13 @@ curves must agree up to float32 reduction order.
 """
 
 import json
-import re
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 import pytest
 import torch
 
+from components.metric_logs import latest_log, step_losses
 from tests.helpers import run_cli
 
 # Two epochs of 2 steps: the curves also cover the end-of-epoch checkpoint (saving must leave
@@ -31,31 +31,6 @@ FAST = [
 LOSS_RTOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _offline_env(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path_factory.mktemp("tiktoken_cache")))
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    mp.setenv("HF_DATASETS_OFFLINE", "1")
-    mp.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_datasets")))
-    # One intra-op thread per process (torchrun does the same for 2+ processes): on a shared or
-    # busy CPU, OpenMP threads spin against each other and a step can take 30x longer.
-    mp.setenv("OMP_NUM_THREADS", "1")
-    yield
-    mp.undo()
-
-
-def read_losses(log_dir: Path) -> Dict[int, float]:
-    """Step -> loss from torchtune's DiskLogger file (`Step 3 | loss:7.12 lr:...`)."""
-    (log_file,) = sorted(log_dir.glob("log_*.txt"))
-    losses = {}
-    for line in log_file.read_text().splitlines():
-        m = re.match(r"Step (\d+) \| .*\bloss:(\S+)", line)
-        if m:
-            losses[int(m.group(1))] = float(m.group(2))
-    return losses
-
-
 def tune_run(recipe: str, config: str, nproc: int, out: Path, *overrides: str, check=True):
     args = ["run", "--nproc_per_node", str(nproc), f"recipes/{recipe}.py", "--config", config]
     return run_cli("tune", [*args, f"output_dir={out}", *overrides], check=check)
@@ -71,7 +46,7 @@ def one_vs_two_processes(tmp_path: Path, recipe: str, config: str, *overrides: s
     for nproc in (1, 2):
         out = tmp_path / f"nproc{nproc}"
         tune_run(recipe, config, nproc, out, *FAST, f"batch_size={4 // nproc}", *overrides)
-        runs[nproc] = read_losses(out / "logs")
+        runs[nproc] = step_losses(latest_log(out))
     assert sorted(runs[1]) == sorted(runs[2]) == list(range(1, STEPS + 1))
     for step in runs[1]:
         assert runs[2][step] == pytest.approx(runs[1][step], rel=LOSS_RTOL), (step, runs)
@@ -156,7 +131,7 @@ def test_qlora_trains_on_two_cpu_processes(tmp_path):
         "lora_finetune_distributed", "configs/tiny/qlora.yaml", 2, out, *FAST, "batch_size=2",
         "model.lora_dropout=0.0",
     )
-    losses = read_losses(out / "logs")
+    losses = step_losses(latest_log(out))
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert losses[STEPS] < losses[1] - 0.1, losses
     for epoch in range(EPOCHS):
