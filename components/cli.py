@@ -174,8 +174,14 @@ def data_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_selection_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("spec", metavar="SPEC", type=parse_spec, help="<kind>:<path or hub id>, kind one of " + ", ".join(KINDS))
+def add_selection_options(parser: argparse.ArgumentParser, default_spec: Optional[str] = None) -> None:
+    """SPEC and the options that choose records from it (also used by ``medtune knowtuning``)."""
+    kinds = "<kind>:<path or hub id>, kind one of " + ", ".join(KINDS)
+    if default_spec is None:
+        parser.add_argument("spec", metavar="SPEC", type=parse_spec, help=kinds)
+    else:
+        parser.add_argument("spec", metavar="SPEC", nargs="?", type=parse_spec, default=parse_spec(default_spec),
+                            help=f"{kinds} (default {default_spec}); a local JSON/JSONL file is meadow:<path>")
     parser.add_argument("--set", action="append", type=_set_amount, metavar="NAME[=AMOUNT]",
                         help="mixture: a set to include, with an optional row cap (int) or fraction (float); repeatable")
     parser.add_argument("--holdout-fraction", type=float, help="split off this fraction as validation (study: 0.1)")
@@ -191,11 +197,11 @@ def add_data_command(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="inspect and export data sets")
     actions = data.add_subparsers(dest="action", required=True, metavar="ACTION")
     stats = actions.add_parser("stats", help="print counts for a data set")
-    _add_selection_options(stats)
+    add_selection_options(stats)
     stats.add_argument("--json", action="store_true", help="print the full report as JSON")
     stats.set_defaults(func=data_stats)
     export = actions.add_parser("export", help="write a data set as JSON Lines")
-    _add_selection_options(export)
+    add_selection_options(export)
     export.add_argument("--out", required=True, metavar="FILE.jsonl", help="output file")
     export.add_argument("--template", help="add the prompt rendered with medalpaca, alpaca or llama3_chat")
     export.set_defaults(func=data_export)

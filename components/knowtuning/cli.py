@@ -162,17 +162,9 @@ def margin(args: argparse.Namespace) -> int:
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
-    from components.cli import _name_value, _set_amount, parse_spec
+    from components.cli import add_selection_options
 
-    parser.add_argument("spec", metavar="SPEC", nargs="?", type=parse_spec, default=parse_spec(DEFAULT_SPEC),
-                        help=f"<kind>:<path or hub id> (default {DEFAULT_SPEC}); a local JSON/JSONL file is meadow:<path>")
-    parser.add_argument("--set", action="append", type=_set_amount, metavar="NAME[=AMOUNT]", help="mixture: a set to include; repeatable")
-    parser.add_argument("--holdout-fraction", type=float, help="split off this fraction as validation")
-    parser.add_argument("--holdout-seed", type=int, default=42, help="seed of the split (default 42)")
-    parser.add_argument("--holdout", choices=("train", "validation"), default="train", help="side to keep (default train)")
-    parser.add_argument("--decontaminate", action="append", type=_name_value, metavar="NAME=PATH",
-                        help="remove overlaps with an evaluation set (usmle, medquad_test, medqa_test); repeatable")
-    parser.add_argument("--ngram", type=int, default=13, help="n-gram length for --decontaminate (default 13)")
+    add_selection_options(parser, DEFAULT_SPEC)
     parser.add_argument("--out", required=True, metavar="FILE.jsonl", help="output file")
     parser.add_argument("--rewriter", metavar="MODULE:FUNCTION", help="a callable rewriter(task, text, context) -> str or None")
     parser.add_argument("--json", action="store_true", help="print the full report as JSON")
