@@ -71,6 +71,31 @@ def _fsync_dir(folder: Path) -> None:
         os.close(descriptor)
 
 
+def write_with_checkpointer(
+    checkpointer: Any, folder: PathLike, state_dict: Dict[str, Any], **save_kwargs: Any
+) -> None:
+    """Have a torchtune checkpointer write ``state_dict`` straight into ``folder``.
+
+    torchtune 0.6.1's checkpointers always write ``<their output_dir>/epoch_<n>/``: point one at
+    ``folder`` for this call (epoch 0, no recipe state) and move what it wrote up a level. Meant
+    for the staging folder of `write_atomically`. ``save_kwargs`` go to ``save_checkpoint``
+    (e.g. ``adapter_only=True``).
+    """
+    folder = Path(folder)
+    real_output_dir = checkpointer._output_dir
+    checkpointer._output_dir = folder
+    try:
+        checkpointer.save_checkpoint(
+            state_dict, epoch=0, intermediate_checkpoint=False, **save_kwargs
+        )
+    finally:
+        checkpointer._output_dir = real_output_dir
+    written = folder / "epoch_0"
+    for path in list(written.iterdir()):
+        os.replace(path, folder / path.name)
+    written.rmdir()
+
+
 def save_recipe_state(folder: PathLike, state: Dict[str, Any]) -> Path:
     """``torch.save`` the recipe state (plain data and tensors only) into ``folder``."""
     path = Path(folder) / RECIPE_STATE_FILE

@@ -4,6 +4,7 @@ import random
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from components.checkpointing import (
     rng_state,
     save_recipe_state,
     write_atomically,
+    write_with_checkpointer,
 )
 from tests.helpers import REPO_ROOT
 
@@ -112,3 +114,21 @@ def test_a_non_finite_loss_names_the_step_and_the_last_good_checkpoint(tmp_path)
     _checkpoint(tmp_path, "step_6", 6)
     with pytest.raises(NonFiniteLossError, match=r"loss is inf at step 9; .*step_6 \(step 6\)"):
         check_finite_loss(float("inf"), 9, tmp_path)
+
+
+def test_a_torchtune_checkpointer_writes_straight_into_the_staging_folder(tmp_path):
+    from torchtune import training
+
+    from components.models import tiny_llama3_2, tiny_llama3_2_checkpointer
+
+    checkpointer = tiny_llama3_2_checkpointer(output_dir=str(tmp_path / "run"))
+    checkpointer.load_checkpoint()  # the checkpointer learns the shard layout it writes back
+    state = {training.MODEL_KEY: tiny_llama3_2().state_dict()}
+    target = write_atomically(
+        tmp_path / "run", "step_3", lambda staging: write_with_checkpointer(checkpointer, staging, state)
+    )
+    names = {p.name for p in target.iterdir()}
+    assert {"model-00001-of-00001.safetensors", "config.json", "model.safetensors.index.json"} <= names
+    assert "epoch_0" not in names
+    assert Path(checkpointer._output_dir) == tmp_path / "run"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["step_3"]
