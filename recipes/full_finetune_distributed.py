@@ -9,13 +9,28 @@
 # the process-group backend follows the device (gloo on CPU; unchanged nccl or cuda:nccl,cpu:gloo
 # on CUDA) and every accelerator-only call (memory stats, cache clearing) is guarded by the device
 # type; fsdp_cpu_offload is ignored on CPU, where it means nothing. On CUDA the recipe behaves as
-# torchtune's. Changes marked "medtune:".
+# torchtune's, except for checkpoints:
+#   - `save_every_n_steps: N` writes `output_dir/step_<global step>/` (HF safetensors like the epoch
+#     checkpoints, plus `recipe_state.pt`: the gathered full optimizer state, LR scheduler, global
+#     step, and every rank's dataloader position and RNG states); `keep_last_n_checkpoints` prunes
+#     old step folders. `epoch_N/` gets a `recipe_state.pt` too when more epochs follow.
+#   - Rank 0 writes each folder into a hidden staging folder and renames it into place
+#     (components.checkpointing.write_atomically), so a kill mid-save leaves the previous
+#     checkpoint intact and the partial one ignored.
+#   - `resume_from_checkpoint: True` continues, mid-epoch included, from the newest complete
+#     checkpoint in output_dir (or `resume_from: <folder>`), with the losses of an uninterrupted
+#     run; torchtune's resume (file names edited into the config, DCP async checkpoints) is gone,
+#     and `enable_async_checkpointing` is refused.
+#   - A NaN/inf loss stops every rank with an error naming the step and the last good checkpoint.
+#   - An epoch stops after exactly its number of optimizer steps (no stray micro-batches).
+# Changes marked "medtune:".
 
 import gc
 import sys
 import time
 
 from functools import partial
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 from warnings import warn
 
@@ -40,15 +55,64 @@ from torchtune.datasets import ConcatDataset
 from torchtune.recipe_interfaces import FTRecipeInterface
 from torchtune.training import DummyProfiler, PROFILER_KEY
 from torchtune.training.activations import apply_selective_activation_checkpointing
-from torchtune.training.checkpointing._checkpoint_client import (
-    CheckpointClient,
-    TrainingProgress,
-)
 from torchtune.training.lr_schedulers import get_lr
 
 from tqdm import tqdm
 
+from components.checkpointing import (
+    check_finite_loss,
+    check_positive,
+    find_resume_dir,
+    GLOBAL_STEP_KEY,
+    load_recipe_state,
+    prune_step_checkpoints,
+    restore_rng_state,
+    RNG_STATE_KEY,
+    rng_state,
+    save_recipe_state,
+    write_atomically,
+    write_with_checkpointer,
+)
+
 log = utils.get_logger("DEBUG")
+
+# medtune: recipe-state keys beyond torchtune's and components.checkpointing's. Each rank has its
+# own dataloader position and RNG streams: rank 0 gathers them into one list, indexed by rank.
+LR_SCHEDULER_KEY = "lr_scheduler"
+RANK_STATES_KEY = "rank_states"
+DATALOADER_STATE = "dataloader"
+
+
+def _gather_rank_states(state: Dict[str, Any], world_size: int, is_rank_zero: bool):
+    """medtune: every rank's ``state``, as a list indexed by rank, on rank 0 (None elsewhere)."""
+    gathered = [None] * world_size if is_rank_zero else None
+    torch.distributed.gather_object(state, gathered, dst=0)
+    return gathered
+
+
+def _own_rank_state(
+    ckpt_dict: Dict[str, Any], rank: int, world_size: int
+) -> Optional[Dict[str, Any]]:
+    """medtune: this rank's saved dataloader position and RNG states (None: start them afresh).
+
+    A mid-epoch checkpoint needs the world size it was written with (each rank's position is
+    in its own shard of the data); at an epoch's end only the RNG streams are lost.
+    """
+    rank_states = ckpt_dict[RANK_STATES_KEY]
+    if len(rank_states) == world_size:
+        return rank_states[rank]
+    if any(state[DATALOADER_STATE] is not None for state in rank_states):
+        raise ValueError(
+            f"this checkpoint was written mid-epoch by {len(rank_states)} processes; resume it "
+            f"with --nproc_per_node {len(rank_states)} (not {world_size}), or resume from an "
+            "epoch_N/ checkpoint, which any number of processes can continue"
+        )
+    if rank == 0:
+        log.warning(
+            f"resuming a {len(rank_states)}-process checkpoint with {world_size} processes: "
+            "the model, optimizer and schedule continue, but the random streams start afresh"
+        )
+    return None
 
 
 # medtune: the helpers below replace torchtune calls that assume an accelerator.
@@ -120,11 +184,14 @@ class FullFinetuneRecipeDistributed(FTRecipeInterface):
             checkpointing.
 
         - Checkpointing. Model weights are checkpointed both at the end of each epoch and at the end of
-            training. Optimizer state and recipe state (seed, total_epochs, number of epochs run etc) are
-            only saved at the end of a given epoch and used in case of resuming training.
+            training, and (medtune) every ``save_every_n_steps`` optimizer steps in
+            ``output_dir/step_<global step>/`` (the newest ``keep_last_n_checkpoints`` are kept).
+            Each resumable folder (``step_N/``, and ``epoch_N/`` when more epochs follow) holds a
+            ``recipe_state.pt`` with the optimizer and LR scheduler state, the global step and
+            every rank's dataloader position and RNG states; folders are written atomically.
 
-            Resuming training is controlled by the ``resume_from_checkpoint`` flag. Mid-epoch checkpointing is
-            currently not supported.
+            Resuming training is controlled by the ``resume_from_checkpoint`` flag (medtune: from
+            the newest complete folder, or ``resume_from: <folder>``; mid-epoch included).
 
             For more details on the checkpointer, please take a look at
             our checkpointer deepdive (https://pytorch.org/torchtune/main/deep_dives/checkpointer.html).
@@ -159,19 +226,25 @@ class FullFinetuneRecipeDistributed(FTRecipeInterface):
                 "full fp16 training is not supported with this recipe. Please use bf16 or fp32 instead."
             )
 
+        # medtune: every checkpoint is an atomic folder written synchronously (see the header)
+        if cfg.get("enable_async_checkpointing", False):
+            raise ValueError(
+                "enable_async_checkpointing is not supported by this recipe: it writes every "
+                "checkpoint synchronously as an atomic output_dir/step_N/ or epoch_N/ folder that "
+                "resume_from_checkpoint finds by itself. Remove the setting."
+            )
+
         # Set up the backend for distributed training (NCCL, GLOO, etc.)
-        self._enable_async_checkpointing = cfg.get("enable_async_checkpointing", False)
         self.fsdp_cpu_offload = cfg.get("fsdp_cpu_offload", False)
         if self.fsdp_cpu_offload and self._device.type == "cpu":
             # medtune: parameters already live on the CPU; FSDP's CPU offload would be a no-op.
             log.info("fsdp_cpu_offload has no effect when training on CPU; ignoring it.")
             self.fsdp_cpu_offload = False
-        # medtune: gloo on CPU whatever the offload/async flags (torchtune's helper then gives
+        # medtune: gloo on CPU whatever the offload flag (torchtune's helper then gives
         # "cpu:gloo,cpu:gloo").
         self.distributed_backend = _process_group_backend(
             self._device.type,
-            offload_ops_to_cpu=self.fsdp_cpu_offload
-            or self._enable_async_checkpointing,
+            offload_ops_to_cpu=self.fsdp_cpu_offload,
         )
         init_process_group(self.distributed_backend)
 
@@ -208,11 +281,18 @@ class FullFinetuneRecipeDistributed(FTRecipeInterface):
             self._log_peak_memory_stats = False
 
         # Training cfg
-        self._resume_from_checkpoint = cfg.resume_from_checkpoint
         self._gradient_accumulation_steps = cfg.gradient_accumulation_steps
         self._optimizer_in_bwd = cfg.get("optimizer_in_bwd", False)
         self._clip_grad_norm = cfg.get("clip_grad_norm", None)
-        self._checkpoint_client = CheckpointClient(cfg)
+        # medtune: step checkpoints and resume (components.checkpointing); missing keys default
+        self._resume_from_checkpoint = cfg.get("resume_from_checkpoint", False)
+        self._resume_from = cfg.get("resume_from", None)
+        self._save_every_n_steps = check_positive(
+            "save_every_n_steps", cfg.get("save_every_n_steps", None)
+        )
+        self._keep_last_n_checkpoints = check_positive(
+            "keep_last_n_checkpoints", cfg.get("keep_last_n_checkpoints", None)
+        )
 
         # Optimizer in backward is not compatible with gradient accumulation or gradient clipping
         if self._optimizer_in_bwd:
@@ -262,6 +342,34 @@ class FullFinetuneRecipeDistributed(FTRecipeInterface):
         self.total_epochs = cfg.epochs
         self.max_steps_per_epoch = cfg.max_steps_per_epoch
         self.global_step = 0
+        self._resumed_state = None  # medtune: the recipe state of the checkpoint resumed from
+        self._resumed_rank_state = None
+
+    def load_checkpoint(self, cfg_checkpointer: DictConfig) -> Dict[str, Any]:
+        """
+        medtune: the base weights, or with ``resume_from_checkpoint`` the weights of the newest
+        complete step_N/ or epoch_N/ folder in output_dir (or of ``resume_from``) and its recipe
+        state (torchtune 0.6.1 expects checkpoint file names edited into the config).
+        """
+        self._checkpointer = config.instantiate(
+            cfg_checkpointer, should_load_recipe_state=False
+        )
+        resume_dir = None
+        if self._resume_from_checkpoint:
+            resume_dir = find_resume_dir(self._output_dir, self._resume_from)
+            shards = sorted(resume_dir.glob("model-*.safetensors"))
+            if not hasattr(self._checkpointer, "_checkpoint_paths") or not shards:
+                raise ValueError(
+                    f"cannot resume from {resume_dir}: this recipe resumes Hugging Face format "
+                    "checkpoints (torchtune.training.FullModelHFCheckpointer) written by itself"
+                )
+            self._checkpointer._checkpoint_paths = shards
+            utils.log_rank_zero(log, f"Resuming from {resume_dir}")
+        checkpoint_dict = self._checkpointer.load_checkpoint()
+        if resume_dir is not None:
+            checkpoint_dict.update(load_recipe_state(resume_dir))
+            self._update_recipe_state(checkpoint_dict)
+        return checkpoint_dict
 
     def _update_recipe_state(self, ckpt_dict: Dict[str, Any]) -> None:
         """
@@ -287,6 +395,12 @@ class FullFinetuneRecipeDistributed(FTRecipeInterface):
                     )
                 )
                 self.max_steps_per_epoch = ckpt_dict[training.MAX_STEPS_KEY]
+            # medtune: mid-epoch position; the RNG streams are restored once setup is done
+            self.global_step = ckpt_dict[GLOBAL_STEP_KEY]
+            self._resumed_state = ckpt_dict
+            self._resumed_rank_state = _own_rank_state(
+                ckpt_dict, self.rank, self.world_size
+            )
 
             # on mismatch, warn the user but allow the override
             if self.total_epochs != ckpt_dict[training.TOTAL_EPOCHS_KEY]:
@@ -318,8 +432,8 @@ class FullFinetuneRecipeDistributed(FTRecipeInterface):
             # log config with parameter override
             self._metric_logger.log_config(cfg)
 
-        # Load the base model
-        checkpoint_dict = self._checkpoint_client.load_base_checkpoint()
+        # Load the base model (medtune: or the checkpoint to resume from)
+        checkpoint_dict = self.load_checkpoint(cfg.checkpointer)
 
         self._compile = cfg.get("compile", False)
         self._model = self._setup_model(
@@ -345,31 +459,6 @@ class FullFinetuneRecipeDistributed(FTRecipeInterface):
             ),
         )
 
-        if self._resume_from_checkpoint:
-            # If async checkpointing is enabled, intermediate checkpoints are saved asynchronously
-            # using the DistributedCheckpointer.
-            # Therefore the recipe needs to load the distributed checkpoint to restore the training
-            # progress.
-            if self._enable_async_checkpointing:
-                try:
-                    checkpoint_dict = (
-                        self._checkpoint_client.load_distributed_checkpoint(
-                            self._model,
-                            (
-                                self._optim_ckpt_wrapper
-                                if self._optimizer_in_bwd
-                                else self._optimizer
-                            ),
-                        )
-                    )
-                except Exception as e:
-                    log.warning(
-                        f"Failed to load distributed checkpoint: {e}. Training will start from the base checkpoint."
-                    )
-
-            # Update the recipe state from the checkpoint state dict.
-            self._update_recipe_state(checkpoint_dict)
-
         # initialize loss
         self._loss_fn = config.instantiate(cfg.loss)
 
@@ -390,6 +479,11 @@ class FullFinetuneRecipeDistributed(FTRecipeInterface):
             shuffle=cfg.shuffle,
             batch_size=cfg.batch_size,
             collate_fn=collate_name,
+            dataloader_state_dict=(
+                self._resumed_rank_state[DATALOADER_STATE]
+                if self._resumed_rank_state is not None
+                else None
+            ),
         )
 
         # Finally update the recipe state which can only be correctly set after all of the
@@ -407,7 +501,9 @@ class FullFinetuneRecipeDistributed(FTRecipeInterface):
             and self.max_steps_per_epoch < self._steps_per_epoch
         ):
             self._steps_per_epoch = self.max_steps_per_epoch
-        self.global_step = self.epochs_run * self._steps_per_epoch
+        # medtune: a resumed run restored global_step from the recipe state
+        if not self._resume_from_checkpoint:
+            self.global_step = self.epochs_run * self._steps_per_epoch
 
         # Setup lr scheduler
         self._lr_scheduler = self._setup_lr_scheduler(
@@ -415,6 +511,9 @@ class FullFinetuneRecipeDistributed(FTRecipeInterface):
             num_training_steps=self.total_epochs * self._steps_per_epoch,
             last_epoch=self.global_step - 1,
         )
+        # medtune: and the scheduler's own state, as saved
+        if self._resumed_state is not None and self._lr_scheduler is not None:
+            self._lr_scheduler.load_state_dict(self._resumed_state[LR_SCHEDULER_KEY])
 
         # Set up profiler, returns DummyProfiler (nullcontext object with no-op `step` method)
         # if cfg is missing profiler key or if `cfg.profiler.enabled = False`
@@ -424,6 +523,11 @@ class FullFinetuneRecipeDistributed(FTRecipeInterface):
         self.ignore_labels_cache = torch.full(
             (cfg.batch_size, 1), self._loss_fn.ignore_index, device=self._device
         )
+
+        # medtune: continue this rank's random streams where the saved run left them
+        if self._resumed_rank_state is not None:
+            restore_rng_state(self._resumed_rank_state[RNG_STATE_KEY])
+        self._resumed_state = None  # the optimizer state is loaded; free it
 
     def _setup_lr_scheduler(
         self,
@@ -766,7 +870,14 @@ class FullFinetuneRecipeDistributed(FTRecipeInterface):
             ),
             # dropping last avoids shape issues with compile + flex attention
             drop_last=True,
+            # medtune: its own generator, so that starting an epoch's iterator (which draws a
+            # worker base seed) takes nothing from the global RNG stream that a resumed run
+            # restores mid-epoch (dropout masks would shift by one draw)
+            generator=torch.Generator().manual_seed(self.seed),
         )
+        # medtune: torchtune 0.6.1 passes the saved position here but never loads it
+        if dataloader_state_dict is not None:
+            dataloader.load_state_dict(dataloader_state_dict)
 
         return dataloader
 
@@ -792,7 +903,13 @@ class FullFinetuneRecipeDistributed(FTRecipeInterface):
         self._profiler.start()
         # self.epochs_run should be non-zero when we're resuming from a checkpoint
         for curr_epoch in range(self.epochs_run, self.total_epochs):
-            pbar = tqdm(total=self._steps_per_epoch, disable=not self._is_rank_zero)
+            # medtune: optimizer steps already taken in this epoch (non-zero after a mid-epoch resume)
+            steps_in_epoch = self.global_step - curr_epoch * self._steps_per_epoch
+            pbar = tqdm(
+                total=self._steps_per_epoch,
+                initial=steps_in_epoch,
+                disable=not self._is_rank_zero,
+            )
             self._dataloader.sampler.set_epoch(curr_epoch)
             for idx, batch in enumerate(self._dataloader):
                 # Start tracking CUDA memory for active steps for just the first epoch
@@ -873,12 +990,15 @@ class FullFinetuneRecipeDistributed(FTRecipeInterface):
 
                     # Update the number of steps when the weights are updated
                     self.global_step += 1
+                    steps_in_epoch += 1
 
                     # Step the learning rate scheduler
                     if self._lr_scheduler is not None:
                         self._lr_scheduler.step()
 
                     loss_to_log = running_loss.item() / num_tokens
+                    # medtune: every rank holds the all-reduced loss, so every rank stops here
+                    check_finite_loss(loss_to_log, self.global_step, self._output_dir)
                     pbar.update(1)
                     pbar.set_description(
                         f"{curr_epoch + 1}|{self.global_step}|Loss: {loss_to_log}"
@@ -916,6 +1036,14 @@ class FullFinetuneRecipeDistributed(FTRecipeInterface):
                     # Reset running stats for the next step
                     running_loss = 0
                     num_tokens = 0
+
+                    # medtune: step checkpoints (the epoch's last step gets the epoch one)
+                    if (
+                        self._save_every_n_steps
+                        and self.global_step % self._save_every_n_steps == 0
+                        and steps_in_epoch < self._steps_per_epoch
+                    ):
+                        self.save_checkpoint(f"step_{self.global_step}", resumable=True)
                     t0 = time.perf_counter()
 
                     # Stop tracking CUDA memory now that active steps are complete
@@ -936,30 +1064,96 @@ class FullFinetuneRecipeDistributed(FTRecipeInterface):
                     # will include multiple forward / backward passes if gradient accumulation > 1
                     self._profiler.step()
 
-                if (
-                    (idx + 1) // self._gradient_accumulation_steps
-                ) == self.max_steps_per_epoch:
+                # medtune: counted in optimizer steps, so a resumed epoch stops where it should
+                if steps_in_epoch >= self._steps_per_epoch:
                     break
 
             self.epochs_run += 1
-            self._checkpoint_client.save_checkpoint(
-                model=self._model,
-                optimizer=(
-                    self._optimizer
-                    if not self._optimizer_in_bwd
-                    else self._optim_ckpt_wrapper
-                ),
-                training_progress=TrainingProgress(
-                    seed=self.seed,
-                    epochs_run=self.epochs_run,
-                    total_epochs=self.total_epochs,
-                    max_steps_per_epoch=self.max_steps_per_epoch,
-                    dataloader_state_dict=self._dataloader.state_dict(),
-                ),
-                epoch=curr_epoch,
+            self.save_checkpoint(
+                f"epoch_{curr_epoch}",
+                resumable=curr_epoch + 1 < self.total_epochs,
+                epoch_end=True,
             )
 
         self._profiler.stop()
+
+    def save_checkpoint(
+        self, folder: str, resumable: bool, epoch_end: bool = False
+    ) -> None:
+        """
+        medtune: write ``output_dir/<folder>/``: HF weights and, if ``resumable``, the recipe
+        state. Every rank takes part in gathering the full state dicts to rank 0, which writes
+        the folder atomically (staging folder, then rename) and prunes old step folders; all
+        ranks wait for it.
+        """
+        utils.log_rank_zero(
+            log, f"Saving {folder}. Retrieving full model state dict..."
+        )
+        start = time.perf_counter()
+        model_state_dict = training.gather_cpu_state_dict(
+            self._model, self._is_rank_zero, device=self._device
+        )
+        recipe_state = self._recipe_state(epoch_end) if resumable else None
+
+        if self._is_rank_zero:
+
+            def write(staging: Path) -> None:
+                write_with_checkpointer(
+                    self._checkpointer, staging, {training.MODEL_KEY: model_state_dict}
+                )
+                if recipe_state is not None:
+                    save_recipe_state(staging, recipe_state)
+
+            target = write_atomically(self._output_dir, folder, write)
+            if folder.startswith("step_"):
+                prune_step_checkpoints(self._output_dir, self._keep_last_n_checkpoints)
+            log.info(
+                f"Checkpoint written to {target}"
+                + (" (resumable)" if resumable else "")
+                + f" in {time.perf_counter() - start:.2f} secs"
+            )
+        torch.distributed.barrier()
+
+    def _recipe_state(self, epoch_end: bool) -> Optional[Dict[str, Any]]:
+        """
+        medtune: everything a resumed run needs besides the weights, on rank 0 (None elsewhere;
+        every rank must call this: the gathers are collective). Loadable with weights_only=True.
+
+        At an epoch's end the dataloader positions are left out: the next epoch starts afresh.
+        """
+        if not self._optimizer_in_bwd:
+            opt_state_dict = training.get_full_optimizer_state_dict(
+                self._model, self._optimizer, self._is_rank_zero, device=self._device
+            )
+        else:
+            opt_state_dict = {
+                param: training.get_full_optimizer_state_dict(
+                    self._model, opt, self._is_rank_zero, device=self._device
+                )
+                for param, opt in self._optim_ckpt_wrapper.optim_map.items()
+            }
+        rank_states = _gather_rank_states(
+            {
+                DATALOADER_STATE: None if epoch_end else self._dataloader.state_dict(),
+                RNG_STATE_KEY: rng_state(),
+            },
+            self.world_size,
+            self._is_rank_zero,
+        )
+        if not self._is_rank_zero:
+            return None
+        return {
+            training.SEED_KEY: self.seed,
+            training.EPOCHS_KEY: self.epochs_run,
+            training.TOTAL_EPOCHS_KEY: self.total_epochs,
+            training.MAX_STEPS_KEY: self.max_steps_per_epoch,
+            training.OPT_KEY: opt_state_dict,
+            LR_SCHEDULER_KEY: (
+                self._lr_scheduler.state_dict() if self._lr_scheduler is not None else None
+            ),
+            GLOBAL_STEP_KEY: self.global_step,
+            RANK_STATES_KEY: rank_states,
+        }
 
     def cleanup(self) -> None:
         if self._is_rank_zero:

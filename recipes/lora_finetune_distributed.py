@@ -21,6 +21,16 @@
 #   the adapter (PEFT files + torchtune's adapter_model.pt) goes to `output_dir/adapter/epoch_N/`,
 #   where a resumed run also looks for it (torchtune wrote both into `epoch_N/`, and
 #   `lm_eval --model hf` then applied the adapter twice).
+# - Checkpoints: `save_every_n_steps: N` writes `output_dir/step_<global step>/` (the adapter,
+#   PEFT files + adapter_model.pt, and `recipe_state.pt`: the gathered full optimizer state, LR
+#   scheduler, global step, and every rank's dataloader position and RNG states; the frozen base
+#   is not gathered); `keep_last_n_checkpoints` prunes old step folders; `epoch_N/` gets a
+#   `recipe_state.pt` when more epochs follow. Rank 0 writes each folder into a hidden staging
+#   folder and renames it into place (components.checkpointing.write_atomically), so a kill
+#   mid-save leaves the previous checkpoint intact. `resume_from_checkpoint: True` continues,
+#   mid-epoch included, from the newest complete folder (or `resume_from: <folder>`) with the
+#   losses of an uninterrupted run. A NaN/inf loss stops every rank with an error naming the step
+#   and the last good checkpoint. An epoch stops after exactly its number of optimizer steps.
 # - Saving no longer merges LoRA into the live weights when gathering returns them uncopied (one
 #   CPU process): torchtune's in-place merge then corrupted the rest of training.
 # Changes are marked "medtune:".
@@ -28,7 +38,6 @@
 import gc
 import math
 import os
-import re
 import sys
 import time
 
@@ -42,6 +51,7 @@ from omegaconf import DictConfig, ListConfig
 
 from torch import nn
 from torch.distributed import destroy_process_group, init_process_group
+from torch.distributed.tensor import DTensor
 
 from torch.optim import Optimizer
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -63,8 +73,24 @@ from torchtune.modules.peft import (
 from torchao.dtypes.nf4tensor import NF4Tensor
 from torchtune.recipe_interfaces import FTRecipeInterface
 from torchtune.training import DummyProfiler, PROFILER_KEY
+from torchtune.training.checkpointing._utils import safe_torch_load
 
 from tqdm import tqdm
+
+from components.checkpointing import (
+    check_finite_loss,
+    check_positive,
+    find_resume_dir,
+    GLOBAL_STEP_KEY,
+    load_recipe_state,
+    prune_step_checkpoints,
+    restore_rng_state,
+    RNG_STATE_KEY,
+    rng_state,
+    save_recipe_state,
+    write_atomically,
+    write_with_checkpointer,
+)
 
 log = utils.get_logger("DEBUG")
 
@@ -79,35 +105,55 @@ ADAPTER_FILES = (
 )
 
 
-def move_adapter_files(output_dir: Union[str, Path], epoch: int) -> Optional[Path]:
-    """medtune: move the adapter files of `output_dir/epoch_N/` to `output_dir/adapter/epoch_N/`."""
-    src = Path(output_dir) / f"epoch_{epoch}"
-    dst = Path(output_dir) / ADAPTER_DIRNAME / f"epoch_{epoch}"
-    moved = False
-    for name in ADAPTER_FILES:
-        if (src / name).is_file():
-            dst.mkdir(parents=True, exist_ok=True)
-            os.replace(src / name, dst / name)
-            moved = True
-    if moved:
-        log.info(f"Adapter (PEFT format) moved to {dst}")
-    return dst if moved else None
+def _adapter_checkpoint_file(resume_dir: Path, output_dir: Union[str, Path]) -> Path:
+    """medtune: the adapter (torchtune keys) of a checkpoint: in step_N/ itself, and for
+    epoch_N/ in output_dir/adapter/epoch_N/."""
+    for folder in (resume_dir, Path(output_dir) / ADAPTER_DIRNAME / resume_dir.name):
+        if (folder / "adapter_model.pt").is_file():
+            return folder / "adapter_model.pt"
+    raise ValueError(
+        f"cannot resume from {resume_dir}: no adapter_model.pt in it or in "
+        f"{Path(output_dir) / ADAPTER_DIRNAME / resume_dir.name}"
+    )
 
 
-def latest_adapter_checkpoint(output_dir: Union[str, Path]) -> Optional[str]:
-    """medtune: `output_dir/adapter/epoch_<largest N>/adapter_model.pt`, if there is one."""
-    adapter_root = Path(output_dir) / ADAPTER_DIRNAME
-    if not adapter_root.is_dir():
-        return None
-    epochs = [
-        int(m.group(1))
-        for m in (re.fullmatch(r"epoch_(\d+)", p.name) for p in adapter_root.iterdir())
-        if m
-    ]
-    if not epochs:
-        return None
-    path = adapter_root / f"epoch_{max(epochs)}" / "adapter_model.pt"
-    return str(path.resolve()) if path.is_file() else None
+# medtune: recipe-state keys beyond torchtune's and components.checkpointing's. Each rank has its
+# own dataloader position and RNG streams: rank 0 gathers them into one list, indexed by rank.
+LR_SCHEDULER_KEY = "lr_scheduler"
+RANK_STATES_KEY = "rank_states"
+DATALOADER_STATE = "dataloader"
+
+
+def _gather_rank_states(state: Dict[str, Any], world_size: int, is_rank_zero: bool):
+    """medtune: every rank's ``state``, as a list indexed by rank, on rank 0 (None elsewhere)."""
+    gathered = [None] * world_size if is_rank_zero else None
+    torch.distributed.gather_object(state, gathered, dst=0)
+    return gathered
+
+
+def _own_rank_state(
+    ckpt_dict: Dict[str, Any], rank: int, world_size: int
+) -> Optional[Dict[str, Any]]:
+    """medtune: this rank's saved dataloader position and RNG states (None: start them afresh).
+
+    A mid-epoch checkpoint needs the world size it was written with (each rank's position is
+    in its own shard of the data); at an epoch's end only the RNG streams are lost.
+    """
+    rank_states = ckpt_dict[RANK_STATES_KEY]
+    if len(rank_states) == world_size:
+        return rank_states[rank]
+    if any(state[DATALOADER_STATE] is not None for state in rank_states):
+        raise ValueError(
+            f"this checkpoint was written mid-epoch by {len(rank_states)} processes; resume it "
+            f"with --nproc_per_node {len(rank_states)} (not {world_size}), or resume from an "
+            "epoch_N/ checkpoint, which any number of processes can continue"
+        )
+    if rank == 0:
+        log.warning(
+            f"resuming a {len(rank_states)}-process checkpoint with {world_size} processes: "
+            "the adapter, optimizer and schedule continue, but the random streams start afresh"
+        )
+    return None
 
 
 def copy_weights_merged_in_place(state_dict: Dict[str, Any]) -> Dict[str, Any]:
@@ -256,9 +302,11 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
             (https://pytorch.org/torchtune/main/tutorials/lora_finetune.html).
 
             Optimizer State and recipe state (seed, total_epochs, number of epochs run etc) are
-            only saved at the end of a given epoch and used in case of resuming training. Resuming
-            training is controlled by the ``resume_from_checkpoint`` flag. Mid-epoch checkpointing is
-            currently not supported.
+            saved at the end of a given epoch and (medtune) every ``save_every_n_steps`` optimizer
+            steps in ``output_dir/step_<global step>/`` with the adapter (the newest
+            ``keep_last_n_checkpoints`` are kept), and used in case of resuming training. Resuming
+            training is controlled by the ``resume_from_checkpoint`` flag (medtune: from the newest
+            complete folder, or ``resume_from: <folder>``; mid-epoch included).
 
             For more details on the checkpointer, please take a look at
             our checkpointer deepdive (https://pytorch.org/torchtune/main/tutorials/checkpointer.html).
@@ -320,7 +368,17 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
         self._clip_grad_norm = cfg.get("clip_grad_norm", None)
 
         self._save_adapter_weights_only = cfg.get("save_adapter_weights_only", False)
-        self._resume_from_checkpoint = cfg.resume_from_checkpoint
+        # medtune: step checkpoints and resume (components.checkpointing); missing keys default
+        self._resume_from_checkpoint = cfg.get("resume_from_checkpoint", False)
+        self._resume_from = cfg.get("resume_from", None)
+        self._save_every_n_steps = check_positive(
+            "save_every_n_steps", cfg.get("save_every_n_steps", None)
+        )
+        self._keep_last_n_checkpoints = check_positive(
+            "keep_last_n_checkpoints", cfg.get("keep_last_n_checkpoints", None)
+        )
+        self._resumed_state = None  # the recipe state of the checkpoint resumed from
+        self._resumed_rank_state = None
         # medtune: parameters already live on the CPU; FSDP's CPU offload would be a no-op.
         self._fsdp_cpu_offload = cfg.get("fsdp_cpu_offload", False)
         if self._fsdp_cpu_offload and self._device.type == "cpu":
@@ -361,34 +419,22 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
         Extract the checkpoint state from file and validate. This includes the
         base model weights. If resume_from_checkpoint is True, this also includes
         the adapter weights and recipe state
+
+        medtune: those come from the newest complete step_N/ or epoch_N/ folder in output_dir
+        (or ``resume_from``), found here (torchtune 0.6.1 expects file names edited into the
+        config); the checkpointer only reads the base weights.
         """
-        # medtune: the checkpointer writes into its own output_dir; the adapter is moved from
-        # there to <output_dir>/adapter/epoch_N/, and a resumed run must be pointed at it.
-        self._checkpoint_output_dir = cfg_checkpointer.get("output_dir", self._output_dir)
-        extra = {}
-        if self._resume_from_checkpoint and not cfg_checkpointer.get(
-            "adapter_checkpoint", None
-        ):
-            adapter_checkpoint = latest_adapter_checkpoint(self._checkpoint_output_dir)
-            if adapter_checkpoint is not None:
-                extra["adapter_checkpoint"] = adapter_checkpoint
         self._checkpointer = config.instantiate(
-            cfg_checkpointer,
-            should_load_recipe_state=self._resume_from_checkpoint,
-            **extra,
+            cfg_checkpointer, should_load_recipe_state=False
         )
         checkpoint_dict = self._checkpointer.load_checkpoint()
-
-        # When resuming from checkpoint for LoRA, the recipe expects the adapter weights
-        # and recipe state to be present. The keys should match up with what ``save_checkpoint``
-        # used to create these intermediate checkpoints
         if self._resume_from_checkpoint:
-            if training.ADAPTER_KEY not in checkpoint_dict:
-                raise ValueError(
-                    "Adapter weights not found. Please ensure a valid adapter checkpoint is provided."
-                )
-            # _update_recipe_state will throw an exception if the recipe state is not corrctly loaded
-            # no need to check here
+            resume_dir = find_resume_dir(self._output_dir, self._resume_from)
+            utils.log_rank_zero(log, f"Resuming from {resume_dir}")
+            checkpoint_dict[training.ADAPTER_KEY] = safe_torch_load(
+                _adapter_checkpoint_file(resume_dir, self._output_dir)
+            )
+            checkpoint_dict.update(load_recipe_state(resume_dir))
             self._update_recipe_state(checkpoint_dict)
         return checkpoint_dict
 
@@ -416,6 +462,12 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
                     )
                 )
                 self.max_steps_per_epoch = ckpt_dict[training.MAX_STEPS_KEY]
+            # medtune: mid-epoch position; the RNG streams are restored once setup is done
+            self.global_step = ckpt_dict[GLOBAL_STEP_KEY]
+            self._resumed_state = ckpt_dict
+            self._resumed_rank_state = _own_rank_state(
+                ckpt_dict, self.rank, self.world_size
+            )
 
             # on mismatch, warn the user but allow the override
             if self.total_epochs != ckpt_dict[training.TOTAL_EPOCHS_KEY]:
@@ -491,8 +543,8 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
             batch_size=cfg.batch_size,
             collate_fn=collate_name,
             dataloader_state_dict=(
-                checkpoint_dict[training.DATALOADER_KEY]
-                if self._resume_from_checkpoint
+                self._resumed_rank_state[DATALOADER_STATE]
+                if self._resumed_rank_state is not None
                 else None
             ),
         )
@@ -512,7 +564,9 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
             and self.max_steps_per_epoch < self._steps_per_epoch
         ):
             self._steps_per_epoch = self.max_steps_per_epoch
-        self.global_step = self.epochs_run * self._steps_per_epoch
+        # medtune: a resumed run restored global_step from the recipe state
+        if not self._resume_from_checkpoint:
+            self.global_step = self.epochs_run * self._steps_per_epoch
 
         # Learning rate scheduler can only be set up after number of steps
         # has been computed
@@ -521,6 +575,9 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
             num_training_steps=self.total_epochs * self._steps_per_epoch,
             last_epoch=self.global_step - 1,
         )
+        # medtune: and the scheduler's own state, as saved
+        if self._resumed_state is not None:
+            self._lr_scheduler.load_state_dict(self._resumed_state[LR_SCHEDULER_KEY])
 
         # Set up profiler, returns DummyProfiler (nullcontext object with no-op `step` method)
         # if cfg is missing profiler key or if `cfg.profiler.enabled = False`
@@ -530,6 +587,11 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
         self.ignore_labels_cache = torch.full(
             (cfg.batch_size, 1), self._loss_fn.ignore_index, device=self._device
         )
+
+        # medtune: continue this rank's random streams where the saved run left them
+        if self._resumed_rank_state is not None:
+            restore_rng_state(self._resumed_rank_state[RNG_STATE_KEY])
+        self._resumed_state = None  # the optimizer state is loaded; free it
 
     def _setup_profiler(
         self, cfg_profiler: Optional[DictConfig] = None
@@ -818,103 +880,54 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
             ),
             # dropping last avoids shape issues with compile + flex attention
             drop_last=True,
+            # medtune: its own generator, so that starting an epoch's iterator (which draws a
+            # worker base seed) takes nothing from the global RNG stream that a resumed run
+            # restores mid-epoch (dropout masks would shift by one draw)
+            generator=torch.Generator().manual_seed(self.seed),
         )
+        # medtune: torchtune 0.6.1 passes the saved position here but never loads it
+        if dataloader_state_dict is not None:
+            dataloader.load_state_dict(dataloader_state_dict)
 
         return dataloader
 
     def save_checkpoint(
-        self,
-        epoch: int,
+        self, folder: str, resumable: bool, epoch_end: bool = False
     ) -> None:
         """
-        Checkpoint the state of the recipe. The constructed checkpoint state dict
-        contains the following information:
-        - Merged weights with key MODEL_KEY
-        - Adapter weights with key ADAPTER_KEY
-        - Relevant recipe state if training is not complete
-        - If the `self._save_adapter_weights_only` option is True, the checkpointer will save only the adapter weights
+        medtune: write a checkpoint folder; every rank takes part in gathering to rank 0, which
+        writes atomically (staging folder, then rename); all ranks wait for it.
 
-        Checkpointer will save the merged weights, adapter weights and recipe state in
-        different checkpoint files. To correctly resume from training, the adapter weights
-        and recipe state must be provided along with the base model weights.
+        - ``step_N/``: the adapter (PEFT files and torchtune's adapter_model.pt) and the recipe
+          state. Only the adapter is gathered, not the frozen base.
+        - ``epoch_N/``: the merged HF model (unless ``save_adapter_weights_only``), and the
+          recipe state when ``resumable``; the adapter goes to ``adapter/epoch_N/`` first.
         """
-        # final dict passed onto the checkpointer
-        checkpoint_dict = {}
-
-        intermediate_checkpoint = epoch + 1 < self.total_epochs
-
         utils.log_rank_zero(
-            log,
-            "Saving checkpoint. This may take some time. Retrieving full model state dict...",
+            log, f"Saving {folder}. Retrieving full model state dict..."
         )
         start = time.perf_counter()
-
-        # To prevent GPU memory from spiking during checkpoint save,
-        # we consolidate the full model and optim state dicts on CPU for rank 0
-        cpu_state_dict = training.gather_cpu_state_dict(
-            self._model,
-            self._is_rank_zero,
-            device=self._device,
-            adapter_weights_only=self._save_adapter_weights_only,
-        )
-        utils.log_rank_zero(
-            log,
-            f"Getting full model state dict took {time.perf_counter() - start:.2f} secs",
-        )
-
-        if intermediate_checkpoint:
-            utils.log_rank_zero(log, "Retrieving optimizer state dict...")
-            opt_state_dict = training.get_full_optimizer_state_dict(
+        if epoch_end:
+            # To prevent GPU memory from spiking during checkpoint save,
+            # we consolidate the full model and optim state dicts on CPU for rank 0
+            cpu_state_dict = training.gather_cpu_state_dict(
                 self._model,
-                self._optimizer,
                 self._is_rank_zero,
                 device=self._device,
-            )
-            utils.log_rank_zero(
-                log,
-                f"Getting optimizer state dict took {time.perf_counter() - start:.2f} secs",
+                adapter_weights_only=self._save_adapter_weights_only,
             )
         else:
-            opt_state_dict = None
+            cpu_state_dict = self._gather_adapter_state_dict()
+        recipe_state = self._recipe_state(epoch_end) if resumable else None
 
-        # Now that we have the model and opt state dict, create the actual checkpoint dict
-        # to be sent to the checkpointer and ultimately written to file
         if self._is_rank_zero:
-            start = time.perf_counter()
-
-            if self._save_adapter_weights_only:
+            adapter_only = self._save_adapter_weights_only or not epoch_end
+            if adapter_only:
                 adapter_state_dict = cpu_state_dict
             else:
                 # Filter out the adapter keys and weights from the model state dict. These will
                 # be saved separately
                 adapter_state_dict = get_adapter_state_dict(cpu_state_dict)
-
-                # merge the adapter weights and base weights to create the model checkpoint
-                # medtune: with one CPU process those are the live weights; do not merge into them.
-                if self._device.type == "cpu":
-                    cpu_state_dict = copy_weights_merged_in_place(cpu_state_dict)
-                merged_state_dict = get_merged_lora_ckpt(
-                    cpu_state_dict,
-                    rank=self._lora_rank,
-                    alpha=self._lora_alpha,
-                )
-                checkpoint_dict.update({training.MODEL_KEY: merged_state_dict})
-            checkpoint_dict.update({training.ADAPTER_KEY: adapter_state_dict})
-
-            # if training is in-progress, checkpoint the optimizer state and recipe state
-            # as well.
-            if intermediate_checkpoint:
-                checkpoint_dict.update(
-                    {
-                        training.OPT_KEY: opt_state_dict,
-                        training.SEED_KEY: self.seed,
-                        training.EPOCHS_KEY: self.epochs_run,
-                        training.TOTAL_EPOCHS_KEY: self.total_epochs,
-                        training.MAX_STEPS_KEY: self.max_steps_per_epoch,
-                        training.DATALOADER_KEY: self._dataloader.state_dict(),
-                    }
-                )
-
             adapter_config = {
                 "r": self._lora_rank,
                 "lora_alpha": self._lora_alpha,
@@ -925,18 +938,93 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
                 ),
                 "peft_type": "LORA",
             }
-            checkpoint_dict.update({training.ADAPTER_CONFIG: adapter_config})
-            self._checkpointer.save_checkpoint(
-                checkpoint_dict,
-                epoch=epoch,
-                intermediate_checkpoint=intermediate_checkpoint,
-                adapter_only=self._save_adapter_weights_only,
+            checkpoint_dict = {
+                training.ADAPTER_KEY: adapter_state_dict,
+                training.ADAPTER_CONFIG: adapter_config,
+            }
+            if not adapter_only:
+                # merge the adapter weights and base weights to create the model checkpoint
+                # medtune: with one CPU process those are the live weights; do not merge into them.
+                if self._device.type == "cpu":
+                    cpu_state_dict = copy_weights_merged_in_place(cpu_state_dict)
+                checkpoint_dict[training.MODEL_KEY] = get_merged_lora_ckpt(
+                    cpu_state_dict,
+                    rank=self._lora_rank,
+                    alpha=self._lora_alpha,
+                )
+
+            def write(staging: Path) -> None:
+                write_with_checkpointer(
+                    self._checkpointer, staging, checkpoint_dict, adapter_only=adapter_only
+                )
+                if epoch_end:
+                    # keep epoch_N/ a plain merged HF model; the adapter gets its own folder
+                    def move_adapter(adapter_staging: Path) -> None:
+                        for name in ADAPTER_FILES:
+                            if (staging / name).is_file():
+                                os.replace(staging / name, adapter_staging / name)
+
+                    write_atomically(
+                        Path(self._output_dir) / ADAPTER_DIRNAME, folder, move_adapter
+                    )
+                if recipe_state is not None:
+                    save_recipe_state(staging, recipe_state)
+
+            target = write_atomically(self._output_dir, folder, write)
+            if not epoch_end:
+                prune_step_checkpoints(self._output_dir, self._keep_last_n_checkpoints)
+            log.info(
+                f"Checkpoint written to {target}"
+                + (" (resumable)" if resumable else "")
+                + f" in {time.perf_counter() - start:.2f} secs"
             )
-            # medtune: keep epoch_N/ a plain merged HF model; the adapter gets its own folder.
-            move_adapter_files(self._checkpoint_output_dir, epoch)
-            log.info(f"Saving checkpoint took {time.perf_counter() - start:.2f} secs")
 
         torch.distributed.barrier()
+
+    def _gather_adapter_state_dict(self) -> Dict[str, torch.Tensor]:
+        """medtune: the adapter's full weights on rank 0 ({} elsewhere); the base stays sharded."""
+        adapter_state_dict = {}
+        for name, param in get_adapter_state_dict(
+            self._model.state_dict(), device=None
+        ).items():
+            if param.is_cpu and self._device.type != "cpu":
+                param = param.to(self._device)  # offloaded shards gather on the device
+            if isinstance(param, DTensor):
+                param = param.full_tensor()
+            if self._is_rank_zero:
+                adapter_state_dict[name] = param.cpu()
+        return adapter_state_dict
+
+    def _recipe_state(self, epoch_end: bool) -> Optional[Dict[str, Any]]:
+        """
+        medtune: everything a resumed run needs besides the weights, on rank 0 (None elsewhere;
+        every rank must call this: the gathers are collective). Loadable with weights_only=True.
+
+        At an epoch's end the dataloader positions are left out: the next epoch starts afresh.
+        """
+        opt_state_dict = training.get_full_optimizer_state_dict(
+            self._model, self._optimizer, self._is_rank_zero, device=self._device
+        )
+        rank_states = _gather_rank_states(
+            {
+                DATALOADER_STATE: None if epoch_end else self._dataloader.state_dict(),
+                RNG_STATE_KEY: rng_state(),
+            },
+            self.world_size,
+            self._is_rank_zero,
+        )
+        if not self._is_rank_zero:
+            return None
+        return {
+            training.SEED_KEY: self.seed,
+            training.EPOCHS_KEY: self.epochs_run,
+            training.TOTAL_EPOCHS_KEY: self.total_epochs,
+            training.MAX_STEPS_KEY: self.max_steps_per_epoch,
+            training.OPT_KEY: opt_state_dict,
+            LR_SCHEDULER_KEY: self._lr_scheduler.state_dict(),
+            GLOBAL_STEP_KEY: self.global_step,
+            RANK_STATES_KEY: rank_states,
+        }
 
     def train(self) -> None:
         """
@@ -956,7 +1044,13 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
         self._profiler.start()
         # self.epochs_run should be non-zero when we're resuming from a checkpoint
         for curr_epoch in range(self.epochs_run, self.total_epochs):
-            pbar = tqdm(total=self._steps_per_epoch, disable=not (self.rank == 0))
+            # medtune: optimizer steps already taken in this epoch (non-zero after a mid-epoch resume)
+            steps_in_epoch = self.global_step - curr_epoch * self._steps_per_epoch
+            pbar = tqdm(
+                total=self._steps_per_epoch,
+                initial=steps_in_epoch,
+                disable=not (self.rank == 0),
+            )
             self._dataloader.sampler.set_epoch(curr_epoch)
             for idx, batch in enumerate(self._dataloader):
                 # Start tracking CUDA memory for active steps for just the first epoch
@@ -1025,8 +1119,11 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
 
                     # Update the number of steps when the weights are updated
                     self.global_step += 1
+                    steps_in_epoch += 1
 
                     loss_to_log = running_loss.item() / num_tokens
+                    # medtune: every rank holds the all-reduced loss, so every rank stops here
+                    check_finite_loss(loss_to_log, self.global_step, self._output_dir)
                     pbar.update(1)
                     pbar.set_description(
                         f"{curr_epoch + 1}|{self.global_step}|Loss: {loss_to_log}"
@@ -1059,6 +1156,14 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
                     # Reset running stats for the next step
                     running_loss = 0
                     num_tokens = 0
+
+                    # medtune: step checkpoints (the epoch's last step gets the epoch one)
+                    if (
+                        self._save_every_n_steps
+                        and self.global_step % self._save_every_n_steps == 0
+                        and steps_in_epoch < self._steps_per_epoch
+                    ):
+                        self.save_checkpoint(f"step_{self.global_step}", resumable=True)
                     t0 = time.perf_counter()
 
                     # Stop tracking CUDA memory now that active steps are complete
@@ -1079,13 +1184,16 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
                     # will include multiple forward / backward passes if gradient accumulation > 1
                     self._profiler.step()
 
-                if (
-                    (idx + 1) // self._gradient_accumulation_steps
-                ) == self.max_steps_per_epoch:
+                # medtune: counted in optimizer steps, so a resumed epoch stops where it should
+                if steps_in_epoch >= self._steps_per_epoch:
                     break
 
             self.epochs_run += 1
-            self.save_checkpoint(epoch=curr_epoch)
+            self.save_checkpoint(
+                f"epoch_{curr_epoch}",
+                resumable=curr_epoch + 1 < self.total_epochs,
+                epoch_end=True,
+            )
 
         self._profiler.stop()
 
