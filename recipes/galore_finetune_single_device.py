@@ -14,20 +14,22 @@
 #     the same normalised gradient as the ordinary step (torchtune 0.6.1's `optimizer_in_bwd`
 #     steps on gradients still multiplied by the token count); torchtune's `optimizer_in_bwd`
 #     flag is refused in favour of `optimizer.layerwise`;
-#   - step-based checkpoints (`save_every_n_steps`) in `output_dir/step_N/`, and every resumable
-#     checkpoint folder (`step_N/`, or `epoch_N/` before the last epoch) holds its own
-#     `recipe_state.pt` (optimizer state including each GaLore projection matrix, dataloader
-#     position, global step, RNG state) that loads with `torch.load(weights_only=True)`.
-#     `resume_from_checkpoint: True` resumes from the newest of them (or `resume_from: <dir>`),
-#     mid-epoch included, with the same losses as an uninterrupted run. Checkpoints are written
-#     to a staging folder and renamed, so an interrupted save never looks resumable;
+#   - step-based checkpoints (`save_every_n_steps`) in `output_dir/step_N/`, of which the newest
+#     `keep_last_n_checkpoints` stay (null keeps all), and every resumable checkpoint folder
+#     (`step_N/`, or `epoch_N/` before the last epoch) holds the HF weights and its own
+#     `recipe_state.pt` (optimizer state including each GaLore projection matrix, LR scheduler
+#     position (the global step), dataloader position, torch and Python RNG states) that loads
+#     with `torch.load(weights_only=True)`. `resume_from_checkpoint: True` resumes from the newest
+#     of them (or `resume_from: <dir>`), mid-epoch included, with the same losses as an
+#     uninterrupted run. Checkpoints are written to a staging folder and renamed
+#     (components.checkpointing), so an interrupted save never looks resumable;
+#   - a NaN or infinite loss stops the run before the optimizer step, naming the step and the
+#     last good checkpoint (components.checkpointing.NonFiniteLossError); nothing of it is saved;
 #   - an epoch stops after exactly `steps_per_epoch` optimizer steps (no stray micro-batches
 #     whose gradients leaked into the next step), and CPU runs can log peak resident memory.
 # Changes are marked "medtune:".
 
-import os
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -52,10 +54,20 @@ from torchtune.training.lr_schedulers import get_lr
 
 from tqdm import tqdm
 
-# medtune: recipe-state keys beyond torchtune's, and the file in each resumable checkpoint folder
-GLOBAL_STEP_KEY = "global_step"
-RNG_STATE_KEY = "rng_state"
-RECIPE_STATE_FILE = "recipe_state.pt"
+from components.checkpointing import (
+    GLOBAL_STEP_KEY,
+    RNG_STATE_KEY,
+    check_finite_loss,
+    check_positive,
+    find_resume_dir,
+    load_recipe_state,
+    prune_step_checkpoints,
+    restore_rng_state,
+    rng_state,
+    save_recipe_state,
+    write_atomically,
+    write_with_checkpointer,
+)
 
 
 log = utils.get_logger("DEBUG")
@@ -73,9 +85,10 @@ class GaLoreFinetuneRecipeSingleDevice(FTRecipeInterface):
     parameter during backward, so that the full gradient never exists.
 
     medtune: Checkpointing. ``save_every_n_steps: N`` writes ``output_dir/step_<global step>/``
-    every N optimizer steps (HF weights + ``recipe_state.pt``); the end of each epoch writes
-    ``output_dir/epoch_<n>/``. ``resume_from_checkpoint: True`` continues from the newest
-    resumable folder, or from ``resume_from: <folder>``.
+    every N optimizer steps (HF weights + ``recipe_state.pt``), keeping the newest
+    ``keep_last_n_checkpoints``; the end of each epoch writes ``output_dir/epoch_<n>/``.
+    ``resume_from_checkpoint: True`` continues from the newest resumable folder, or from
+    ``resume_from: <folder>``. A NaN or infinite loss stops the run.
 
     Features:
         - Activation Checkpointing. This can be controlled using the ``enable_activation_checkpointing``
@@ -192,12 +205,12 @@ class GaLoreFinetuneRecipeSingleDevice(FTRecipeInterface):
             )
         self._optimizer_in_bwd = bool(cfg.optimizer.get("layerwise", False))
         self._resume_from = cfg.get("resume_from", None)
-        self._save_every_n_steps = cfg.get("save_every_n_steps", None)
-        if self._save_every_n_steps is not None and int(self._save_every_n_steps) < 1:
-            raise ValueError(
-                f"save_every_n_steps must be a positive number of optimizer steps or null, "
-                f"got {self._save_every_n_steps}"
-            )
+        self._save_every_n_steps = check_positive(
+            "save_every_n_steps", cfg.get("save_every_n_steps", None)
+        )
+        self._keep_last_n_checkpoints = check_positive(
+            "keep_last_n_checkpoints", cfg.get("keep_last_n_checkpoints", None)
+        )
 
         # Layer-wise stepping is not compatible with gradient accumulation or gradient clipping
         if self._optimizer_in_bwd:
@@ -265,7 +278,7 @@ class GaLoreFinetuneRecipeSingleDevice(FTRecipeInterface):
         self._checkpointer = config.instantiate(cfg_checkpointer, should_load_recipe_state=False)
         resume_dir = None
         if self._resume_from_checkpoint:
-            resume_dir = self._find_resume_dir()
+            resume_dir = find_resume_dir(self._output_dir, self._resume_from)
             shards = sorted(resume_dir.glob("model-*.safetensors")) or sorted(
                 resume_dir.glob("model-*.bin")
             )
@@ -280,35 +293,9 @@ class GaLoreFinetuneRecipeSingleDevice(FTRecipeInterface):
 
         if resume_dir is not None:
             # weights_only=True: optimizer state holds plain data and tensors only
-            recipe_state = torch.load(
-                resume_dir / RECIPE_STATE_FILE, map_location="cpu", weights_only=True
-            )
-            checkpoint_dict.update(recipe_state)
+            checkpoint_dict.update(load_recipe_state(resume_dir))
             self._update_recipe_state(checkpoint_dict)
         return checkpoint_dict
-
-    def _find_resume_dir(self) -> Path:
-        """medtune: `resume_from`, else the resumable folder with the most steps in output_dir."""
-        if self._resume_from:
-            folder = Path(self._resume_from)
-            if not folder.is_absolute() and not folder.exists():
-                folder = Path(self._output_dir) / folder
-            if not (folder / RECIPE_STATE_FILE).is_file():
-                raise ValueError(f"resume_from={self._resume_from}: no {RECIPE_STATE_FILE} in {folder}")
-            return folder
-        candidates = []
-        for state_file in Path(self._output_dir).glob(f"*/{RECIPE_STATE_FILE}"):
-            if state_file.parent.name.startswith(("step_", "epoch_")):
-                # mmap: only the step count is read, not the optimizer state
-                step = torch.load(state_file, map_location="cpu", weights_only=True, mmap=True)
-                candidates.append((step[GLOBAL_STEP_KEY], state_file.stat().st_mtime, state_file.parent))
-        if not candidates:
-            raise ValueError(
-                f"resume_from_checkpoint=True but {self._output_dir} holds no step_N/ or epoch_N/ "
-                f"folder with a {RECIPE_STATE_FILE} (written every save_every_n_steps steps, and "
-                "at the end of every epoch but the last)"
-            )
-        return max(candidates)[2]
 
     def _update_recipe_state(self, ckpt_dict: Dict[str, Any]) -> None:
         """
@@ -334,7 +321,7 @@ class GaLoreFinetuneRecipeSingleDevice(FTRecipeInterface):
                     )
                 )
                 self.max_steps_per_epoch = ckpt_dict[training.MAX_STEPS_KEY]
-            # medtune: mid-epoch position; the RNG is restored once setup has consumed its share
+            # medtune: mid-epoch position; the RNG is restored when training starts (`train`)
             self.global_step = ckpt_dict[GLOBAL_STEP_KEY]
             self._resumed_rng_state = ckpt_dict[RNG_STATE_KEY]
 
@@ -453,10 +440,6 @@ class GaLoreFinetuneRecipeSingleDevice(FTRecipeInterface):
         self.ignore_labels_cache = torch.full(
             (cfg.batch_size, 1), self._loss_fn.ignore_index, device=self._device
         )
-
-        # medtune: continue the RNG stream where the saved run was
-        if self._resumed_rng_state is not None:
-            torch.set_rng_state(self._resumed_rng_state)
 
     def _setup_profiler(
         self, cfg_profiler: Optional[DictConfig] = None
@@ -720,37 +703,23 @@ class GaLoreFinetuneRecipeSingleDevice(FTRecipeInterface):
             training.DATALOADER_KEY: None if epoch_end else self._dataloader.state_dict(),
             training.OPT_KEY: self._optimizer.state_dict(),
             GLOBAL_STEP_KEY: self.global_step,
-            RNG_STATE_KEY: torch.get_rng_state(),
+            RNG_STATE_KEY: rng_state(),
         }
 
     def _write_checkpoint(
         self, folder: str, with_recipe_state: bool, epoch_end: bool = False
     ) -> Path:
-        """medtune: HF weights (+ recipe state) in ``output_dir/<folder>``, written atomically.
+        """medtune: HF weights (+ recipe state) in ``output_dir/<folder>``, written atomically:
+        a kill during the save leaves only a staging folder that resuming ignores."""
 
-        torchtune 0.6.1's checkpointer always writes ``<its output_dir>/epoch_<n>/``: point it
-        at a staging folder, add the recipe state there, then rename into place.
-        """
-        output_dir = Path(self._output_dir)
-        staging = output_dir / f".{folder}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        real_output_dir = self._checkpointer._output_dir
-        self._checkpointer._output_dir = staging
-        try:
-            self._checkpointer.save_checkpoint(
-                {training.MODEL_KEY: self._model.state_dict()},
-                epoch=0,
-                intermediate_checkpoint=False,
+        def write(staging: Path) -> None:
+            write_with_checkpointer(
+                self._checkpointer, staging, {training.MODEL_KEY: self._model.state_dict()}
             )
-        finally:
-            self._checkpointer._output_dir = real_output_dir
-        written = staging / "epoch_0"
-        if with_recipe_state:
-            torch.save(self._recipe_state(epoch_end), written / RECIPE_STATE_FILE)
-        target = output_dir / folder
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(written, target)
-        shutil.rmtree(staging, ignore_errors=True)
+            if with_recipe_state:
+                save_recipe_state(staging, self._recipe_state(epoch_end))
+
+        target = write_atomically(self._output_dir, folder, write)
         log.info(f"Checkpoint written to {target}" + (" (resumable)" if with_recipe_state else ""))
         return target
 
@@ -802,7 +771,16 @@ class GaLoreFinetuneRecipeSingleDevice(FTRecipeInterface):
             steps_in_epoch = self.global_step - curr_epoch * self._steps_per_epoch
             pbar = tqdm(total=self._steps_per_epoch, initial=steps_in_epoch)
             self._dataloader.sampler.set_epoch(curr_epoch)
-            for idx, batch in enumerate(self._dataloader):
+            # medtune: a resumed run's RNG continues the saved stream. Starting an epoch's
+            # iterator draws a seed from it, so restore before that at an epoch boundary and
+            # after it mid-epoch (where the saved run had already drawn it).
+            resumed_rng, self._resumed_rng_state = self._resumed_rng_state, None
+            if resumed_rng is not None and steps_in_epoch == 0:
+                restore_rng_state(resumed_rng)
+            batches = iter(self._dataloader)
+            if resumed_rng is not None and steps_in_epoch > 0:
+                restore_rng_state(resumed_rng)
+            for idx, batch in enumerate(batches):
                 # Start tracking CUDA memory for active steps for just the first epoch
                 if (
                     curr_epoch == 0
@@ -835,6 +813,9 @@ class GaLoreFinetuneRecipeSingleDevice(FTRecipeInterface):
 
                 # Step with optimizer
                 if (idx + 1) % self._gradient_accumulation_steps == 0:
+                    # medtune: a NaN/inf loss stops the run here, before this step is saved
+                    loss_to_log = running_loss.item() / num_tokens
+                    check_finite_loss(float(loss_to_log), self.global_step + 1, self._output_dir)
                     if self._optimizer_in_bwd:
                         # medtune: a no-op (parameters stepped in backward) that keeps the LR
                         # scheduler's "step before scheduler" bookkeeping right
@@ -855,7 +836,6 @@ class GaLoreFinetuneRecipeSingleDevice(FTRecipeInterface):
                     self.global_step += 1
                     steps_in_epoch += 1
 
-                    loss_to_log = running_loss.item() / num_tokens
                     pbar.update(1)
                     pbar.set_description(
                         f"{curr_epoch + 1}|{self.global_step}|Loss: {loss_to_log}"
@@ -894,12 +874,13 @@ class GaLoreFinetuneRecipeSingleDevice(FTRecipeInterface):
                     # medtune: step-based checkpoints (the epoch's last step gets the epoch one)
                     if (
                         self._save_every_n_steps
-                        and self.global_step % int(self._save_every_n_steps) == 0
+                        and self.global_step % self._save_every_n_steps == 0
                         and steps_in_epoch < self._steps_per_epoch
                     ):
                         self._write_checkpoint(
                             f"step_{self.global_step}", with_recipe_state=True
                         )
+                        prune_step_checkpoints(self._output_dir, self._keep_last_n_checkpoints)
                     t0 = time.perf_counter()
 
                 # Stop tracking CUDA memory now that active steps are complete
