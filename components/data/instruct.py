@@ -127,7 +127,16 @@ def load_instruction_rows(
     if data_files is not None:
         load_dataset_kwargs["data_files"] = data_files
     data = datasets.load_dataset(source, split=split, **load_dataset_kwargs)
-    source = source if data_files is None else f"{source} {data_files}"
+    return check_loaded_rows(data, source if data_files is None else f"{source} {data_files}")
+
+
+def check_loaded_rows(data: datasets.Dataset, source: Any) -> datasets.Dataset:
+    """Check every row of a dataset from ``datasets.load_dataset`` (batches of 10,000, so the
+    rows are never all in Python at once) and keep its ``{instruction, [input], output}`` columns.
+
+    Raises:
+        DataError: a missing column, or a record whose fields are missing or not strings.
+    """
     missing = [f for f in ("instruction", "output") if f not in data.column_names]
     if missing:
         raise DataError(
@@ -143,15 +152,25 @@ def load_instruction_rows(
 
 
 def holdout_split(
-    data: datasets.Dataset, fraction: float, seed: int, part: str
+    data: datasets.Dataset, fraction: float, seed: int, part: str, indices_dir: Optional[Union[str, Path]] = None
 ) -> datasets.Dataset:
     """One side of a shuffled train/validation split, made as the study made it:
     ``Dataset.train_test_split(test_size=fraction, shuffle=True, seed=seed)`` (the validation
-    side has ``ceil(fraction * n)`` rows)."""
+    side has ``ceil(fraction * n)`` rows). The split's index mappings are kept in memory, or
+    written under ``indices_dir`` when given (needed for rows backed by Arrow files)."""
     if part not in HOLDOUT_PARTS:
         raise ValueError(f"holdout must be one of {HOLDOUT_PARTS}, got {part!r}")
     if not 0 < fraction < 1:
         raise ValueError(f"holdout_fraction must be between 0 and 1, got {fraction}")
+    if indices_dir is not None:
+        parts = data.train_test_split(
+            test_size=fraction,
+            shuffle=True,
+            seed=seed,
+            train_indices_cache_file_name=str(Path(indices_dir) / "holdout-train-indices.arrow"),
+            test_indices_cache_file_name=str(Path(indices_dir) / "holdout-test-indices.arrow"),
+        )
+        return parts["train" if part == "train" else "test"]
     parts = data.train_test_split(test_size=fraction, shuffle=True, seed=seed, keep_in_memory=True)
     return parts["train" if part == "train" else "test"]
 

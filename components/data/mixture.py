@@ -70,6 +70,18 @@ def set_file(data_dir: Union[str, Path], name: str) -> Path:
     raise DataError(f"no {name}.json or {name}.jsonl for set {name!r}", file=data_dir)
 
 
+def take_amount(data: datasets.Dataset, amount: Amount, mix_seed: int) -> datasets.Dataset:
+    """The whole set (``amount`` None or above its size), or a random sample of ``amount`` rows
+    (an int) or of that fraction (a float), drawn with ``mix_seed`` and kept in the set's order."""
+    available = len(data)
+    if amount is None:
+        return data
+    take = min(amount, available) if isinstance(amount, int) else round(amount * available)
+    if take < available:
+        data = data.select(sorted(random.Random(mix_seed).sample(range(available), take)))
+    return data
+
+
 def load_mixture(
     sets: Optional[Union[Mapping[str, Amount], Sequence[str]]] = None,
     *,
@@ -91,10 +103,7 @@ def load_mixture(
         else:
             data = load_instruction_rows(hub_id(name), split=split, **load_dataset_kwargs)
         available = len(data)
-        if amount is not None:
-            take = min(amount, available) if isinstance(amount, int) else round(amount * available)
-            if take < available:
-                data = data.select(sorted(random.Random(mix_seed).sample(range(available), take)))
+        data = take_amount(data, amount, mix_seed)
         per_set[name] = {"available": available, "taken": len(data), "study": MEDICAL_MEADOW_SETS[name]}
         parts.append(data)
     if not parts:
@@ -127,6 +136,11 @@ def medical_meadow_mixture(
     packed: bool = False,
     filter_fn: Optional[Callable] = None,
     split: str = "train",
+    cache: bool = True,
+    cache_dir: Optional[str] = None,
+    num_proc: Optional[int] = None,
+    skip_empty: bool = False,
+    long_records: str = "truncate",
     **load_dataset_kwargs: Dict[str, Any],
 ) -> Union[InstructDataset, PackedDataset]:
     """A mixture of Medical Meadow sets for SFT; per-set counts are in the result's ``report``.
@@ -146,11 +160,68 @@ def medical_meadow_mixture(
         decontaminate, decontaminate_ngram, packed, filter_fn, split, **load_dataset_kwargs:
             as in :func:`components.data.medical_meadow.medical_meadow_dataset`; the holdout
             split is made on the whole mixture, as the study made it.
+        cache (bool): build through :mod:`components.data.pipeline`: the rows are streamed into
+            Arrow, checked, split, decontaminated, templated and tokenized once, and the result
+            is written to a cache folder keyed by every input and setting; the next run with the
+            same key memory-maps it and does no work. Items are read from the memory-mapped
+            tokens (same tokens, labels and order as ``cache=False``). Default True. False: the
+            rows are held in memory and tokenized lazily per item.
+        cache_dir (Optional[str]): the cache's root folder. Default None:
+            ``$MEDTUNE_CACHE_DIR/data`` (else ``~/.cache/medtune/data``).
+        num_proc (Optional[int]): processes for tokenizing when building the cache. Default
+            None: 2, or 1 below 50,000 rows.
+        skip_empty (bool): with the cache, drop records whose output is blank (counted in
+            ``report["skipped"]["empty"]``). Default False, as the study.
+        long_records (str): with the cache, ``"truncate"`` records over ``max_seq_len`` tokens
+            (the study's way; counted in ``report["truncated"]``) or ``"skip"`` them (counted in
+            ``report["skipped"]["too_long"]``). Default "truncate".
 
     Returns:
         Union[InstructDataset, PackedDataset]: an ``SFTDataset`` whose ``report["sets"]`` holds
         rows available and taken per set (and the study's size for comparison).
     """
+    if cache:
+        from components.data.pipeline import cached_mixture
+
+        parsed = parse_sets(sets, caps)
+        if not parsed:
+            raise ValueError("the mixture has no sets")
+        if data_dir is not None:
+            sources = {name: ("file", set_file(data_dir, name)) for name, _ in parsed}
+        else:
+            sources = {
+                name: ("hub", datasets.load_dataset(hub_id(name), split=split, **load_dataset_kwargs))
+                for name, _ in parsed
+            }
+        ds = cached_mixture(
+            tokenizer,
+            sets=parsed,
+            sources=sources,
+            report={"name": "medical_meadow_mixture", "source": str(data_dir) if data_dir is not None else "hub"},
+            mix_seed=mix_seed,
+            split=split,
+            template=template,
+            train_on_input=train_on_input,
+            system_prompt=system_prompt,
+            holdout_fraction=holdout_fraction,
+            holdout_seed=holdout_seed,
+            holdout=holdout,
+            decontaminate=decontaminate,
+            decontaminate_ngram=decontaminate_ngram,
+            filter_fn=filter_fn,
+            skip_empty=skip_empty,
+            long_records=long_records,
+            cache_dir=cache_dir,
+            num_proc=num_proc,
+            load_dataset_kwargs=load_dataset_kwargs,
+        )
+        if packed:
+            if tokenizer.max_seq_len is None:
+                raise ValueError("PackedDataset requires a max_seq_len to be set on the tokenizer.")
+            return PackedDataset(ds, max_seq_len=tokenizer.max_seq_len)
+        return ds
+    if skip_empty or long_records != "truncate":
+        raise ValueError("skip_empty and long_records need cache=True (they are applied while tokenizing)")
     data, report = load_mixture(
         sets, caps=caps, data_dir=data_dir, mix_seed=mix_seed, split=split, **load_dataset_kwargs
     )
