@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from components.knowtuning.cli import add_knowtuning_command
 from components.evaluation.cli import add_eval_command, add_score_command
+from components.hub.push import add_push_command
 from components.study.cli import add_study_command
 
 KINDS = ("meadow", "medquad", "usmle", "mixture")
@@ -213,6 +214,7 @@ COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [
     add_study_command,
     add_eval_command,
     add_score_command,
+    add_push_command,
 ]
 
 
