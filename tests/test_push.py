@@ -171,6 +171,18 @@ def test_dry_run_lists_exactly_the_adapter(study, capsys):
     assert code == 0 and sorted(listed_files(merged)) == sorted(MERGED)
 
 
+def test_a_step_folder_of_a_lora_run_pushes_its_adapter(study_copy, capsys):
+    """`step_N/` holds the adapter alone (no merged weights); the tokenizer comes from epoch_N."""
+    run = study_copy / "runs" / "lora"
+    shutil.copytree(run / "adapter" / "epoch_0", run / "step_2")
+    code, out, err = push(capsys, run / "step_2", "--repo-id", REPO_ID, "--dry-run")
+    assert code == 0, err
+    assert sorted(listed_files(out)) == sorted(ADAPTER)
+    assert f"{run / 'epoch_0' / 'tokenizer.json'}" in out
+    assert "the study evaluated epoch_0, not step_2: the card has no scores" in err
+    assert "model-index" not in out
+
+
 def test_card_metadata_and_eval_results_round_trip(study, capsys, tmp_path):
     code, out, err = push(capsys, study / "runs" / "lora", "--repo-id", REPO_ID, "--dry-run",
                           "--base-model", "meta-llama/Llama-3.2-3B")

@@ -109,7 +109,7 @@ def merged_files(folder: Path) -> List[Upload]:
 
 
 def adapter_files(folder: Path, tokenizer_folder: Path, base_model: Optional[str]) -> List[Upload]:
-    """A PEFT adapter (config + safetensors) and the tokenizer of the run's merged folder.
+    """A PEFT adapter (config + safetensors) and the tokenizer files of `tokenizer_folder`.
 
     torchtune's adapter_config.json names no base model; where the base is a Hub model, its id is
     added as ``base_model_name_or_path`` (and ``task_type``) so that peft's ``AutoPeftModel``

@@ -8,12 +8,14 @@ untrained baseline's), and says plainly what the model is not for.
 """
 
 import re
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from components.data.medical_meadow import MEDICAL_MEADOW_SETS, hub_id
+from components.evaluation.bertscore import DEFAULT_MODEL, MODEL_ENV
 from components.hub.run import RunInfo
 
 USMLE_HUB_ID = "medalpaca/medical_meadow_usmle_self_assessment"
@@ -107,7 +109,7 @@ def task_dataset(task: str) -> Tuple[str, str, Optional[str], str]:
         name = f"USMLE self-assessment Step {step.group(1)} ({how})"
         return USMLE_HUB_ID, name, f"step{step.group(1)}", "question-answering"
     if task == "medquad":
-        return MEDQUAD_HUB_ID, "MedQuAD (KnowTuning's 200-item test split)", None, "text-generation"
+        return MEDQUAD_HUB_ID, "MedQuAD (KnowTuning's test split)", None, "text-generation"
     return task, task, None, "text-generation"
 
 
@@ -143,6 +145,17 @@ def hyperparameters(config: Dict[str, Any]) -> List[Tuple[str, Any]]:
         if value is not None:
             rows.append((key, value))
     return rows
+
+
+def bertscore_model(info: RunInfo) -> str:
+    """The BERTScore model of the study's evaluations, as far as the study file says it."""
+    study_file = Path(str(info.study.get("study_file", "")))
+    env = {}
+    if study_file.is_file():
+        env = (yaml.safe_load(study_file.read_text()) or {}).get("env") or {}
+    if env.get(MODEL_ENV):
+        return f"`{env[MODEL_ENV]}` (the study file's {MODEL_ENV})"
+    return f"`{DEFAULT_MODEL}`, unless {MODEL_ENV} was set when the study ran"
 
 
 def _score(cell: Optional[Dict[str, Any]]) -> str:
@@ -252,7 +265,7 @@ def build_card(
     """The card of `info`'s checkpoint as pushed to `repo_id` (the adapter, or the merged model)."""
     recipe = recipe_of(info.step.get("command") or [])
     method = method_of(info.config, recipe)
-    tiny = base_model is None
+    tiny = "tiny" in _component(info.config, "model")
     llama = bool(base_model and base_model.startswith("meta-llama/Llama-3.2"))
     tags = ["medical", "torchtune", "medtune", method] + (["peft", "lora"] if adapter else [])
     study_name = info.study.get("study")
@@ -270,7 +283,10 @@ def build_card(
     )
     short = _Shortener(info)
     what = "PEFT adapter" if adapter else "merged model (safetensors)"
-    base_text = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "medtune's tiny test model"
+    if base_model:
+        base_text = f"[{base_model}](https://huggingface.co/{base_model})"
+    else:
+        base_text = "medtune's tiny test model" if tiny else f"`{_component(info.config, 'model')}` (base not named)"
     body = [
         f"# {repo_id.split('/')[-1]}", "",
         f"A {METHODS[method]} fine-tune of {base_text} for medical question answering, made with "
@@ -292,11 +308,12 @@ def build_card(
     body += ["## Evaluation", ""]
     if info.results:
         body += [
-            f"From the study's results.json ({source}), lm-eval tasks of medtune's `evals/tasks`, each score with its "
-            "95% bootstrap interval, the study's baseline (the model before fine-tuning) beside it, and the difference "
-            "with a paired 95% bootstrap "
-            "interval (n.s. = it contains 0).", "", evaluation_table(info), "",
+            f"From the study's results.json ({source}), lm-eval tasks of medtune's `evals/tasks`: each score with "
+            "its 95% bootstrap interval, the study's baseline (the model before fine-tuning) beside it, and the "
+            "difference with a paired 95% bootstrap interval (n.s. = it contains 0).", "", evaluation_table(info), "",
         ]
+        if any(c["metric"].startswith("bertscore") for c in info.results):
+            body += [f"BERTScore model: {bertscore_model(info)}.", ""]
     else:
         body += ["No evaluation results were recorded for this checkpoint.", ""]
     body += _limitations(tiny, llama)

@@ -53,7 +53,7 @@ def plan(
                 f"{info.run_dir} has no PEFT adapter for {info.merged_dir.name} (only LoRA, QLoRA and KnowTuning "
                 "runs write one): push the merged model instead (leave out --adapter-only)"
             )
-        files = adapter_files(info.adapter_dir, info.merged_dir, base_model)
+        files = adapter_files(info.adapter_dir, info.tokenizer_dir, base_model)
     else:
         files = merged_files(info.merged_dir)
     card = build_card(info, repo_id, adapter, base_model, datasets)

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import yaml
 
 from components.checkpointing import STAGING_SUFFIX
-from components.hub.checkpoint import PushError
+from components.hub.checkpoint import ADAPTER_CONFIG, TOKENIZER_CORE, PushError
 from components.study.runner import latest_checkpoint
 from components.study.spec import BASELINE
 
@@ -34,8 +34,9 @@ class RunInfo:
     name: str
     merged_dir: Path
     adapter_dir: Optional[Path]
+    tokenizer_dir: Path  # where an adapter's tokenizer files come from
     config: Dict[str, Any]
-    named_adapter: bool = False  # RUN_DIR was the adapter folder itself
+    named_adapter: bool = False  # RUN_DIR was an adapter folder itself
     study_root: Optional[Path] = None
     study: Dict[str, Any] = field(default_factory=dict)  # manifest.json without its steps
     step: Dict[str, Any] = field(default_factory=dict)  # the manifest's record of the training
@@ -54,9 +55,11 @@ def _read_json(path: Path) -> Any:
 def _checkpoint_folders(path: Path) -> Tuple[Path, Path, Optional[Path], bool]:
     """``(run_dir, merged_dir, adapter_dir, named_adapter)`` for a run folder or a checkpoint folder."""
     if CHECKPOINT_NAME.fullmatch(path.name):
-        named_adapter = path.parent.name == ADAPTER_DIRNAME
-        run_dir = path.parent.parent if named_adapter else path.parent
+        in_adapter_dir = path.parent.name == ADAPTER_DIRNAME
+        run_dir = path.parent.parent if in_adapter_dir else path.parent
         merged = run_dir / path.name
+        # a step_N folder of a LoRA run holds the adapter alone
+        named_adapter = in_adapter_dir or ((path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file())
     else:
         run_dir, named_adapter = path, False
         try:
@@ -76,8 +79,18 @@ def _checkpoint_folders(path: Path) -> Tuple[Path, Path, Optional[Path], bool]:
                 )
     adapter = run_dir / ADAPTER_DIRNAME / merged.name
     if not adapter.is_dir():  # torchtune's own LoRA recipes write the adapter beside the weights
-        adapter = merged if (merged / "adapter_config.json").is_file() else None
+        adapter = merged if (merged / ADAPTER_CONFIG).is_file() else None
     return run_dir, merged, adapter, named_adapter
+
+
+def _tokenizer_dir(run_dir: Path, checkpoint: Path) -> Path:
+    """The checkpoint folder if it holds a tokenizer, else the run's last epoch_N (training leaves it unchanged)."""
+    if any((checkpoint / name).is_file() for name in TOKENIZER_CORE):
+        return checkpoint
+    try:
+        return latest_checkpoint(run_dir)
+    except FileNotFoundError:
+        return checkpoint
 
 
 def _study_parts(info: RunInfo) -> None:
@@ -133,7 +146,7 @@ def load_run(path: str) -> RunInfo:
             f"with <run> one of: {', '.join(trained) or '(none has a checkpoint yet)'}"
         )
     run_dir, merged, adapter, named_adapter = _checkpoint_folders(folder)
-    info = RunInfo(run_dir, run_dir.name, merged, adapter, {}, named_adapter)
+    info = RunInfo(run_dir, run_dir.name, merged, adapter, _tokenizer_dir(run_dir, merged), {}, named_adapter)
     _study_parts(info)
     config = info.step.get("config")
     if config is None:
