@@ -121,7 +121,7 @@ GOOD = {"instruction": "i", "input": "x", "output": "o"}
         (json.dumps([GOOD]) + "]", "unexpected data after the JSON array"),
         (json.dumps(GOOD) + "\n" + json.dumps(GOOD)[:-2] + "\n", r"record 1: not valid JSON on line 2"),
         (json.dumps([]), "holds no records"),
-        ("42", "expected a JSON array or JSON Lines"),
+        ("42", r"record 0: expected a JSON object, got int"),
         (b'[{"instruction": "caf\xe9", "input": "", "output": "o"}]', r"not valid UTF-8: byte 0xe9 at offset 21 \(line 1\)"),
     ],
 )

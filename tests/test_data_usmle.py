@@ -71,7 +71,7 @@ def test_duplicate_number_and_bad_types(copy):
 def test_truncated_file_and_missing_folder(copy, tmp_path):
     text = (copy / "step1.json").read_text()
     (copy / "step1.json").write_text(text[: len(text) // 2])
-    with pytest.raises(DataError, match=r"step1\.json: not valid JSON \(truncated\)"):
+    with pytest.raises(DataError, match=r"step1\.json: record \d+: not valid JSON \(truncated\)"):
         read_usmle(copy)
     with pytest.raises(DataError, match="not a directory"):
         read_usmle(tmp_path / "nowhere")

@@ -1,15 +1,38 @@
 """Read a local JSON array or JSON Lines file of objects, failing with a `DataError` that names
-the file and the record, instead of a decoder traceback."""
+the file and the record, instead of a decoder traceback.
+
+Beyond what ``json`` checks, a document is refused when an object repeats a key (``json`` keeps
+the last value and drops the others silently), when a string holds a lone surrogate escape such
+as ``"\\ud800"`` (not text: Arrow and UTF-8 writers fail on it later, far from the file), and
+when it nests too deeply for the decoder.
+"""
 
 import json
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, Tuple, Union
 
 from components.data.errors import DataError
 
 _WHITESPACE = re.compile(r"\s*")
-_DECODER = json.JSONDecoder()
+#: A ``\\uD800``-``\\uDFFF`` escape: only then can a decoded string hold a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+class _DuplicateKey(ValueError):
+    """An object repeats a key; raised from the decoder's hook, turned into a `DataError`."""
+
+
+def _unique_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        seen = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _DuplicateKey(f"duplicate key {key!r} in an object")
+    return record
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
 
 
 def read_text(path: Union[str, Path]) -> str:
@@ -21,6 +44,8 @@ def read_text(path: Union[str, Path]) -> str:
         raise DataError("no such file", file=path) from None
     except IsADirectoryError:
         raise DataError("is a directory, expected a file", file=path) from None
+    except OSError as e:
+        raise DataError(f"cannot read: {e.strerror or e}", file=path) from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -56,6 +81,8 @@ def _parse_array(text: str, path: Path) -> List[Any]:
                 file=path,
                 record=len(items),
             ) from None
+        except (_DuplicateKey, RecursionError) as e:
+            raise DataError(_reason(e), file=path, record=len(items)) from None
         items.append(item)
         pos = _WHITESPACE.match(text, pos).end()
         if text.startswith(",", pos):
@@ -74,20 +101,69 @@ def _parse_array(text: str, path: Path) -> List[Any]:
             raise DataError(f"not valid JSON ({what})", file=path, record=len(items) - 1)
 
 
+def _reason(error: Exception) -> str:
+    """What a non-``JSONDecodeError`` failure of the decoder means, in words."""
+    if isinstance(error, RecursionError):
+        return "not valid JSON: nested too deeply to read"
+    return f"not valid JSON: {error}"
+
+
 def _parse_lines(text: str, path: Path) -> List[Any]:
+    """One JSON value per line. Lines end at ``\\n`` only: ``str.splitlines`` would also cut at
+    U+2028, U+0085 and the like, which JSON strings may hold unescaped."""
     items = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            items.append(json.loads(line))
+            items.append(_DECODER.decode(line))
         except json.JSONDecodeError as e:
             raise DataError(
                 f"not valid JSON on line {lineno} column {e.colno}: {e.msg}",
                 file=path,
                 record=len(items),
             ) from None
+        except (_DuplicateKey, RecursionError) as e:
+            raise DataError(f"line {lineno}: {_reason(e)}", file=path, record=len(items)) from None
     return items
+
+
+def _lone_surrogate(value: Any) -> bool:
+    """Whether a decoded JSON value holds a string (key or value) with an unpaired surrogate;
+    iterative, so a deeply nested value cannot exhaust the stack."""
+    stack = [value]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return False
+
+
+def _check_surrogates(text: str, document: Any, path: Path) -> None:
+    """Refuse a lone surrogate, naming the record (list index) or top-level key holding it."""
+    if _SURROGATE_ESCAPE.search(text) is None:
+        return
+    if isinstance(document, list):
+        parts = list(enumerate(document))
+    elif isinstance(document, dict):
+        parts = [(f"key {key!r:.60}", value) for key, value in document.items()]
+    else:
+        parts = [(None, document)]
+    for record, value in parts:
+        if _lone_surrogate(value) or (isinstance(record, str) and _lone_surrogate(record)):
+            raise DataError(
+                "a string holds a lone surrogate escape (\\ud800-\\udfff without its pair): not text",
+                file=path,
+                record=record,
+            )
 
 
 def read_json_records(path: Union[str, Path]) -> List[Dict[str, Any]]:
@@ -99,30 +175,31 @@ def read_json_records(path: Union[str, Path]) -> List[Dict[str, Any]]:
     """
     path = Path(path)
     text = read_text(path)
-    first = text.lstrip()[0]
-    if first == "[":
-        items = _parse_array(text, path)
-    elif first == "{":
-        items = _parse_lines(text, path)
-    else:
-        raise DataError(
-            f"expected a JSON array or JSON Lines of objects, the file starts with {first!r}",
-            file=path,
-        )
+    items = _parse_array(text, path) if text.lstrip()[0] == "[" else _parse_lines(text, path)
     for index, item in enumerate(items):
         if not isinstance(item, dict):
             raise DataError(
                 f"expected a JSON object, got {type(item).__name__}", file=path, record=index
             )
+    _check_surrogates(text, items, path)
     return items
 
 
 def read_json(path: Union[str, Path]) -> Any:
-    """A whole JSON document, with a `DataError` naming the file and position when invalid."""
+    """A whole JSON document, with a `DataError` naming the file and where it is invalid (and
+    the refusals of the module docstring). An array is read element by element, so an error in
+    it names the record."""
     path = Path(path)
     text = read_text(path)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        reason = "truncated" if e.pos >= len(text.rstrip()) else e.msg
-        raise DataError(f"not valid JSON ({reason}) at {_position(text, e.pos)}", file=path) from None
+    if text.lstrip()[0] == "[":
+        value = _parse_array(text, path)
+    else:
+        try:
+            value = _DECODER.decode(text)
+        except json.JSONDecodeError as e:
+            reason = "truncated" if e.pos >= len(text.rstrip()) else e.msg
+            raise DataError(f"not valid JSON ({reason}) at {_position(text, e.pos)}", file=path) from None
+        except (_DuplicateKey, RecursionError) as e:
+            raise DataError(_reason(e), file=path) from None
+    _check_surrogates(text, value, path)
+    return value

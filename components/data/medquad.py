@@ -59,8 +59,10 @@ def parse_medquad_file(path: Union[str, Path], collection: str) -> Tuple[List[Di
     """``(answered records, pairs without an answer, root tag)`` of one MedQuAD XML file."""
     try:
         root = ET.parse(path).getroot()
-    except ET.ParseError as e:
+    except ET.ParseError as e:  # its message gives the line and column
         raise DataError(f"not well-formed XML: {e}", file=path) from None
+    except OSError as e:
+        raise DataError(f"cannot read: {e.strerror or e}", file=path) from None
     if root.tag not in _SCHEMAS:
         raise DataError(
             f"root element is <{root.tag}>, expected one of <{'>, <'.join(_SCHEMAS)}>", file=path
@@ -109,6 +111,8 @@ def read_medquad_xml(directory: Union[str, Path]) -> Tuple[List[Dict[str, Any]],
     ``files``, ``pairs``, ``answered``, ``skipped_no_answer``, ``old_schema`` (files and pairs
     in the older ``<doc>`` schema) and the same counts per collection."""
     directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError("not a folder (expected a MedQuAD XML release, e.g. 1_CancerGov_QA/*.xml)", file=directory)
     collections = sorted(
         (e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith(".")),
         key=_collection_key,
@@ -157,7 +161,7 @@ def _from_hub_rows(data: datasets.Dataset, source: str) -> Tuple[List[Dict[str, 
     records, per_collection = [], {}
     for index, row in enumerate(data):
         record = {field: row.get(names[field]) if field in names else None for field in RECORD_FIELDS}
-        for field in ("question", "answer"):
+        for field in ("question", "answer", "source"):
             if record[field] is not None and not isinstance(record[field], str):
                 raise DataError(f"{names[field]!r} must be text, got {type(record[field]).__name__}",
                                 file=source, record=index)
@@ -180,6 +184,12 @@ def _from_hub_rows(data: datasets.Dataset, source: str) -> Tuple[List[Dict[str, 
     return records, report
 
 
+def _looks_local(source: str) -> bool:
+    """Whether ``source`` is written as a local path (``./x``, ``/x``, ``~/x``, ``a/b/c``) rather
+    than a Hub id (``owner/name``), so a missing folder is reported as such, not as a Hub miss."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1
+
+
 def load_medquad(
     source: str = "lavita/MedQuAD", *, split: str = "train", **load_dataset_kwargs: Any
 ) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
@@ -191,6 +201,8 @@ def load_medquad(
     """
     if Path(source).is_dir():
         return read_medquad_xml(source)
+    if Path(source).exists() or _looks_local(source):
+        raise DataError("not a folder (expected a MedQuAD XML release, or a Hub id such as lavita/MedQuAD)", file=source)
     data = datasets.load_dataset(source, split=split, **load_dataset_kwargs)
     return _from_hub_rows(data, source)
 

@@ -20,10 +20,17 @@ STEPS = (1, 2, 3)
 IMAGES_FILE = "question_with_images.json"
 
 
-def _question_number(value: Any, file: Path, index: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).isdigit():
-        raise DataError(f"'no' must be a question number, got {value!r}", file=file, record=index)
-    return int(value)
+#: Question numbers are small positive integers; a larger one is a corrupt file, not a question.
+MAX_QUESTION_NUMBER = 1_000_000
+
+
+def _question_number(value: Any, file: Path, index: Union[int, str], what: str = "'no'") -> int:
+    """``value`` as a question number: an int or a string of ASCII digits, at most
+    :data:`MAX_QUESTION_NUMBER` (``str.isdigit`` alone accepts ``"²"``, which ``int`` refuses)."""
+    text = str(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else ""
+    if not (text.isascii() and text.isdigit()) or int(text) > MAX_QUESTION_NUMBER:
+        raise DataError(f"{what} must be a question number, got {value!r:.60}", file=file, record=index)
+    return int(text)
 
 
 def _read_step(directory: Path, step: int) -> List[Dict[str, Any]]:
@@ -81,12 +88,17 @@ def read_usmle(
         with_image = images.get(f"step{step}", [])
         if not isinstance(with_image, list):
             raise DataError(f"'step{step}' must be a list of question numbers", file=images_file)
-        with_image = {_question_number(n, images_file, i) for i, n in enumerate(with_image)}
+        with_image = {
+            _question_number(n, images_file, f"step{step}[{i}]", "an image question")
+            for i, n in enumerate(with_image)
+        }
         seen = set()
-        for q in questions:
+        for index, q in enumerate(questions):
             no = q["no"]
             if no in seen:
-                raise DataError(f"question number {no} appears twice", file=directory / f"step{step}.json")
+                raise DataError(
+                    f"question number {no} appears twice", file=directory / f"step{step}.json", record=index
+                )
             seen.add(no)
             answer = solutions.get(str(no))
             if not isinstance(answer, str) or not answer.strip():

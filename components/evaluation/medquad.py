@@ -18,11 +18,11 @@ Data: the task metadata ``medquad_test`` or ``$MEDTUNE_MEDQUAD_TEST`` (a local J
 import json
 import os
 import re
-from pathlib import Path
 from functools import lru_cache
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from components.data.errors import DataError
+from components.data.json_records import read_json
 from components.data.templates import format_prompt
 from components.evaluation.bertscore import bertscore, resolve_model
 from components.evaluation.text_metrics import rouge_l, token_f1
@@ -37,7 +37,12 @@ def study_prompt(instruction: str, input: str = "") -> str:
 
 
 def read_medquad_test(source: str) -> List[Dict[str, str]]:
-    """Records ``{instruction, input, output}`` from a local JSON list or a URL."""
+    """Records ``{instruction, input, output}`` from a local JSON list or a URL.
+
+    Raises:
+        DataError: a missing, non-UTF-8 or invalid file, or a record that is not an object
+            with text ``instruction`` and ``output`` (``input`` optional); file and index named.
+    """
     if re.match(r"^https?://", source):
         import urllib.request
 
@@ -50,15 +55,11 @@ def read_medquad_test(source: str) -> List[Dict[str, str]]:
                 f"Point ${MEDQUAD_TEST_ENV} (or the task metadata medquad_test) at a local copy."
             ) from e
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise DataError("no such file (expected the KnowTuning medquad_test.json)", file=path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"not valid JSON: {e}", file=path) from e
+        data = read_json(source)
     if not isinstance(data, list):
         raise DataError(f"expected a list of records, got {type(data).__name__}", file=source)
+    if not data:
+        raise DataError("holds no records: an empty test split scores nothing", file=source)
     rows = []
     for index, item in enumerate(data):
         if not isinstance(item, dict) or not all(isinstance(item.get(k, ""), str) for k in ("instruction", "input", "output")):

@@ -139,12 +139,12 @@ def build_ka(args: argparse.Namespace) -> int:
 
 
 def margin(args: argparse.Namespace) -> int:
-    from components.data.json_records import read_json_records
+    from components.knowtuning.datasets import read_pairs
     from components.knowtuning.scoring import load_config, load_model, margin_report, preference_log_probs
 
     cfg = load_config(args.config, args.override or ())
     template = args.template or cfg.get("dataset", {}).get("template", "medalpaca")
-    pairs = read_json_records(args.pairs)
+    pairs = read_pairs(args.pairs)
     results = {}
     for checkpoint in args.checkpoint:
         model, tokenizer = load_model(cfg, checkpoint_dir=checkpoint, device=args.device, dtype=args.dtype)

@@ -54,7 +54,7 @@ class KCMessages(Transform):
         for side in ("chosen", "rejected"):
             turns = sample[side]
             user = next(m["content"] for m in turns if m["role"] == "user")
-            answer = [m["content"] for m in turns if m["role"] == "assistant"][-1]
+            answer = answer_of(turns)
             out[side] = [
                 Message(role="user", content=self._prompt(sample, user), masked=not self.train_on_input),
                 Message(role="assistant", content=answer, masked=False),
@@ -62,19 +62,65 @@ class KCMessages(Transform):
         return out
 
 
+#: Message roles torchtune's ``Message`` accepts.
+ROLES = ("system", "user", "assistant", "ipython", "tool")
+#: Optional text fields of a pair (``input`` may also be null).
+TEXT_FIELDS = ("instruction", "input", "type")
+
+
 def check_pair(row: Mapping[str, Any], index: int, file: Any) -> None:
-    """Raise :class:`DataError` unless ``row`` has chosen/rejected lists with a user and an
-    assistant turn of text each."""
+    """Raise :class:`DataError` unless ``row`` has chosen/rejected lists of ``{role, content}``
+    messages (roles torchtune knows, text content) with a user turn and a non-empty assistant
+    answer each, and text (if any) in ``instruction``, ``input`` and ``type``: what the dataset,
+    the margin report and the Arrow table built from the rows rely on."""
+    if not isinstance(row, Mapping):
+        raise DataError(f"expected an object, got {type(row).__name__}", file=file, record=index)
+    for field in TEXT_FIELDS:
+        value = row.get(field)
+        if value is not None and not isinstance(value, str):
+            raise DataError(f"{field!r} must be text, got {type(value).__name__}", file=file, record=index)
+    if row.get("instruction") is None and row.get("input"):
+        raise DataError("'input' without 'instruction' (the prompt would leave it out)", file=file, record=index)
     for side in ("chosen", "rejected"):
         turns = row.get(side)
         if not isinstance(turns, list) or not turns:
             raise DataError(f"{side!r} must be a non-empty list of messages", file=file, record=index)
         for turn in turns:
-            if not isinstance(turn, Mapping) or not isinstance(turn.get("content"), str) or "role" not in turn:
-                raise DataError(f"{side!r}: every message needs 'role' and text 'content'", file=file, record=index)
+            if not isinstance(turn, Mapping) or not isinstance(turn.get("content"), str) or turn.get("role") not in ROLES:
+                raise DataError(
+                    f"{side!r}: every message needs a 'role' (one of {', '.join(ROLES)}) and text 'content', "
+                    f"got {turn!r:.80}",
+                    file=file,
+                    record=index,
+                )
         roles = [t["role"] for t in turns]
         if "user" not in roles or "assistant" not in roles:
             raise DataError(f"{side!r} needs a user and an assistant message, has {roles}", file=file, record=index)
+        if not answer_of(turns).strip():
+            raise DataError(f"{side!r}: the assistant answer is empty", file=file, record=index)
+
+
+def answer_of(turns: Sequence[Mapping[str, Any]]) -> str:
+    """The last assistant turn's text."""
+    return [t["content"] for t in turns if t["role"] == "assistant"][-1]
+
+
+def read_pairs(data_files: Union[str, Path, Sequence[Union[str, Path]]]) -> List[Dict[str, Any]]:
+    """Every pair of one or more JSON/JSONL files, checked with :func:`check_pair`.
+
+    Raises:
+        DataError: a missing, malformed or empty file, or a malformed pair (file and index named).
+    """
+    files = [data_files] if isinstance(data_files, (str, Path)) else list(data_files)
+    rows: List[Dict[str, Any]] = []
+    for file in files:
+        records = read_json_records(file)
+        if not records:
+            raise DataError("holds no pairs", file=file)
+        for index, row in enumerate(records):
+            check_pair(row, index, file)
+        rows.extend(records)
+    return rows
 
 
 class KCPreferenceDataset(PreferenceDataset):
@@ -113,14 +159,7 @@ def knowtuning_kc_dataset(
         DataError: a missing or malformed file or row (file and row index named).
     """
     files = [data_files] if isinstance(data_files, (str, Path)) else list(data_files)
-    rows: List[Dict[str, Any]] = []
-    for file in files:
-        records = read_json_records(file)
-        if not records:
-            raise DataError("holds no pairs", file=file)
-        for index, row in enumerate(records):
-            check_pair(row, index, file)
-        rows.extend(records)
+    rows = read_pairs(files)
     report: Dict[str, Any] = {"files": [str(f) for f in files], "rows": len(rows)}
     if types is not None:
         rows = [r for r in rows if r.get("type") in set(types)]
@@ -128,8 +167,18 @@ def knowtuning_kc_dataset(
     if filter_fn is not None:
         rows = [r for r in rows if filter_fn(r)]
         report["after_filter"] = len(rows)
-    keep = ("chosen", "rejected", "instruction", "input", "type")
-    data = datasets.Dataset.from_list([{k: r[k] for k in keep if k in r} for r in rows])
+    # Only the fields the transform reads, and only role/content of each message: extra keys of
+    # varying types would make Arrow refuse the table.
+    keep = ("instruction", "input", "type")
+    data = datasets.Dataset.from_list(
+        [
+            {
+                **{side: [{"role": m["role"], "content": m["content"]} for m in r[side]] for side in ("chosen", "rejected")},
+                **{k: r[k] for k in keep if k in r},
+            }
+            for r in rows
+        ]
+    )
     return KCPreferenceDataset(
         data,
         message_transform=KCMessages(template=template, train_on_input=train_on_input),
