@@ -26,6 +26,10 @@
 #   samples/<task>.jsonl) through components.evaluation.runner, with every accuracy's standard
 #   error and 95% bootstrap interval, also printed.
 # - The vision-language wrapper is gone: medtune evaluates text-only decoders.
+# - The config is checked before any work (components.config_check): an unknown key or a
+#   `_component_` that does not exist or takes no such argument stops the run, naming the key and
+#   the closest valid one.
+# - The quantized path loads its checkpoint with `weights_only=True` (torchtune: False).
 
 import sys
 import time
@@ -50,6 +54,7 @@ from torchtune.modules.transforms.tokenizers import ModelTokenizer
 from torchtune.recipe_interfaces import EvalRecipeInterface
 from torchtune.training import FullModelTorchTuneCheckpointer
 
+from components.config_check import check_recipe_config
 from components.evaluation.runner import format_summary, run_tasks, TASKS_DIR
 
 MIN_LM_EVAL = "0.4.5"
@@ -357,7 +362,8 @@ class EleutherEvalRecipe(EvalRecipeInterface):
                 )
             model = quantizer.quantize(model)
             model = model.to(device=self.device, dtype=self.dtype)
-            ckpt_dict = checkpointer.load_checkpoint(weights_only=False)[
+            # medtune: weights_only=True (torchtune: False): no arbitrary unpickling of a checkpoint
+            ckpt_dict = checkpointer.load_checkpoint(weights_only=True)[
                 training.MODEL_KEY
             ]
             for k, v in ckpt_dict.items():
@@ -459,6 +465,7 @@ class EleutherEvalRecipe(EvalRecipeInterface):
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point for the recipe."""
+    check_recipe_config(cfg, __file__)  # medtune: every unknown key or component, before any work
     config.log_config(recipe_name="EleutherEvalRecipe", cfg=cfg)
     recipe = EleutherEvalRecipe(cfg=cfg)
     recipe.setup(cfg=cfg)

@@ -1,16 +1,17 @@
 """Every training config loads, names real components with matching arguments, and says how to run it."""
 
-import inspect
 import re
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import List, Tuple
 
 import pytest
-from omegaconf import DictConfig, ListConfig, OmegaConf
+import torchtune
+from omegaconf import OmegaConf
 from torchtune import config as tt_config
 from torchtune._recipe_registry import get_all_recipes
 from torchtune.config._errors import ConfigError
 
+from components.config_check import check_component, components
 from tests.helpers import REPO_ROOT
 
 CONFIG_DIRS = ("tiny", "llama3_2_3B")
@@ -31,16 +32,12 @@ def run_lines(path: Path) -> List[Tuple[str, str, str]]:
     return found
 
 
-def components(node, where: str = "") -> Iterator[Tuple[str, DictConfig]]:
-    """Every `_component_` node of a config, nested ones included."""
-    if isinstance(node, DictConfig):
-        if "_component_" in node:
-            yield where, node
-        for key, child in node.items():
-            yield from components(child, f"{where}.{key}" if where else str(key))
-    elif isinstance(node, ListConfig):
-        for index, child in enumerate(node):
-            yield from components(child, f"{where}[{index}]")
+def recipe_file(recipe: str) -> Path:
+    """The source file of a `tune run` recipe: the project's `recipes/x.py`, or a torchtune built-in
+    (what tests/test_config_check.py checks each config's keys against)."""
+    if recipe.endswith(".py"):
+        return REPO_ROOT / recipe
+    return Path(torchtune.__file__).resolve().parent.parent / "recipes" / f"{recipe}.py"
 
 
 def test_configs_exist():
@@ -58,13 +55,8 @@ def test_config_components_match_their_signatures(path):
     training = "tasks" not in cfg  # an eval config (recipes/eleuther_eval.py) has no data/optimizer/loss
     required = {"model", "tokenizer", "checkpointer"} | ({"dataset", "optimizer", "loss"} if training else set())
     assert required <= {where for where, _ in nodes}
-    for where, node in nodes:
-        component = tt_config._utils._get_component_from_path(node["_component_"])
-        kwargs = {k: v for k, v in node.items() if k != "_component_"}
-        try:
-            inspect.signature(component).bind_partial(**kwargs)
-        except TypeError as error:
-            pytest.fail(f"{path.name}: {where} ({node['_component_']}): {error}")
+    problems = [problem for where, node in nodes for problem in check_component(where, node)]
+    assert not problems, f"{path.name}: " + "; ".join(problems)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(REPO_ROOT).as_posix())

@@ -1,0 +1,186 @@
+"""`components.config_check`: a misspelled key or a component that does not exist stops a run
+before any work, naming the key and the closest valid one; every shipped config passes."""
+
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from components.config_check import (
+    ConfigCheckError,
+    check_recipe_config,
+    components,
+    config_file_from_argv,
+    config_problems,
+    recipe_keys,
+)
+from tests.helpers import REPO_ROOT, run_cli
+from tests.test_configs import CONFIGS, recipe_file, run_lines
+
+#: (config, recipe file) for every `tune run` line of every config's header.
+PAIRS = sorted({(config, recipe_file(recipe)) for config in CONFIGS for _, recipe, _ in run_lines(config)})
+
+
+def pair_id(pair) -> str:
+    config, recipe = pair
+    return f"{config.relative_to(REPO_ROOT / 'configs').as_posix()}-{recipe.stem}"
+
+
+def typo(name: str) -> str:
+    """``name`` with its middle letter doubled: a misspelling whose closest valid name is ``name``."""
+    middle = len(name) // 2
+    return name[:middle] + name[middle] + name[middle:]
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+def test_every_shipped_config_passes_for_every_recipe_that_runs_it(pair):
+    config, recipe = pair
+    check_recipe_config(OmegaConf.load(config), recipe, config_file=str(config))
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+def test_each_misspelled_top_level_key_is_named_with_the_right_suggestion(pair):
+    config, recipe = pair
+    original = OmegaConf.load(config)
+    for key in original:
+        cfg = OmegaConf.load(config)
+        cfg[typo(key)] = cfg.pop(key)
+        with pytest.raises(ConfigCheckError) as caught:
+            check_recipe_config(cfg, recipe, config_file=str(config))
+        expected = f"{config}: unknown key {typo(key)!r} (did you mean {key!r}?): {recipe.name} does not read it"
+        assert expected in str(caught.value), str(caught.value)
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+def test_each_misspelled_component_argument_and_path_is_named(pair):
+    config, recipe = pair
+    for where, node in components(OmegaConf.load(config)):
+        for key in [k for k in node if k != "_component_"]:
+            cfg = OmegaConf.load(config)
+            target = OmegaConf.select(cfg, where)
+            target[typo(key)] = target.pop(key)
+            problems = config_problems(cfg, recipe)
+            assert any(
+                p.startswith(f"{where}.{typo(key)}: ") and f"(did you mean {key!r}?)" in p for p in problems
+            ), f"{where}.{typo(key)} not caught: {problems}"
+        cfg = OmegaConf.load(config)
+        path = OmegaConf.select(cfg, where)["_component_"]
+        module, _, name = path.rpartition(".")
+        OmegaConf.select(cfg, where)["_component_"] = f"{module}.{typo(name)}"
+        problems = config_problems(cfg, recipe)
+        assert f"{where}._component_: '{module}.{typo(name)}' does not exist: no {typo(name)!r} in {module} (did you mean {name!r}?)" in problems
+
+
+def test_all_problems_are_reported_at_once(tmp_path):
+    cfg = OmegaConf.load(REPO_ROOT / "configs" / "tiny" / "lora.yaml")
+    cfg.optimiser = cfg.pop("optimizer")
+    cfg.dataset.templte = cfg.dataset.pop("template")  # the builder takes **kwargs: still caught
+    cfg.model._component_ = "components.modles.lora_tiny_llama3_2"
+    cfg.lr_scheduler.num_warmup_step = 0
+    config = tmp_path / "lora.yaml"
+    OmegaConf.save(cfg, config)
+    with pytest.raises(ConfigCheckError) as caught:
+        check_recipe_config(cfg, REPO_ROOT / "recipes" / "lora_finetune_single_device.py", config_file=str(config))
+    assert isinstance(caught.value, ValueError)
+    assert caught.value.problems == [
+        "unknown key 'optimiser' (did you mean 'optimizer'?): lora_finetune_single_device.py does not read it",
+        "model._component_: 'components.modles.lora_tiny_llama3_2' does not exist: no 'modles' in components (did you mean 'models'?)",
+        "dataset.templte: components.data.medical_meadow_mixture has no argument 'templte' (did you mean 'template'?); "
+        "it would go to **load_dataset_kwargs",
+        "lr_scheduler.num_warmup_step: transformers.get_linear_schedule_with_warmup has no argument 'num_warmup_step' "
+        "(did you mean 'num_warmup_steps'?)",
+    ]
+    assert str(caught.value).splitlines()[0].startswith(f"{config}: unknown key 'optimiser'")
+
+
+def test_nested_components_and_import_failures_are_checked():
+    cfg = OmegaConf.create(
+        {
+            "output_dir": "/tmp/x",
+            "model": {"_component_": "torch.nn.Linear", "in_features": 2, "out_featres": 3},
+            "metric_logger": {"_component_": "torchtune.training.metric_logging.DiskLogger", "log_dri": "${output_dir}"},
+            "loss": {"_component_": "torchh.nn.MSELoss"},
+            "dataset": [{"_component_": "torch.nn.Identity", "inner": {"_component_": "torch.nn.Dropout", "pp": 0.1}}],
+        }
+    )
+    problems = config_problems(cfg, REPO_ROOT / "recipes" / "lora_finetune_single_device.py")
+    assert len(problems) == 4
+    assert "model.out_featres: torch.nn.Linear has no argument 'out_featres' (did you mean 'out_features'?)" in problems
+    assert any(p.startswith("metric_logger.log_dri: ") and "(did you mean 'log_dir'?)" in p for p in problems)
+    assert "loss._component_: 'torchh.nn.MSELoss' does not exist: no module 'torchh' (did you mean 'torch'?)" in problems
+    assert "dataset[0].inner.pp: torch.nn.Dropout has no argument 'pp' (did you mean 'p'?)" in problems
+
+
+def test_recipe_keys_follow_aliases_methods_and_constants(tmp_path):
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(
+        "from torchtune.training import PROFILER_KEY\n"
+        "STEPS = 'max_steps'\n"
+        "class R:\n"
+        "    def __init__(self, cfg):\n"
+        "        self.a = cfg.alpha\n"
+        "        self.b = cfg.get('beta', 1)\n"
+        "        self.c = cfg['gamma']\n"
+        "        self.d = cfg.get(STEPS)\n"
+        "        self.p = cfg.get(PROFILER_KEY, None)\n"
+        "        if 'delta' in cfg:\n"
+        "            pass\n"
+        "        conf = cfg\n"
+        "        conf.epsilon\n"
+        "        cfg.items()\n"
+        "        other.zeta\n"
+        "    def setup(self, cfg_model):\n"
+        "        cfg_model.not_top_level\n"
+    )
+    assert recipe_keys(str(recipe)) == {"alpha", "beta", "gamma", "max_steps", "profiler", "delta", "epsilon"}
+
+
+def test_interpolated_and_common_keys_are_known():
+    cfg = OmegaConf.create({"base": "/data", "output_dir": "${base}/run", "resume_from_checkpoint": False})
+    assert config_problems(cfg, REPO_ROOT / "recipes" / "eleuther_eval.py") == []
+    cfg.loss = {"_component_": "torch.nn.MSELoss"}
+    assert config_problems(cfg, REPO_ROOT / "recipes" / "eleuther_eval.py") == [
+        "unknown key 'loss': eleuther_eval.py does not read it"
+    ]
+
+
+def test_config_file_comes_from_the_tune_command_line():
+    assert config_file_from_argv(["recipes/eleuther_eval.py", "--config", "configs/tiny/eval.yaml", "limit=3"]) == "configs/tiny/eval.yaml"
+    assert config_file_from_argv(["x.py", "--config=c.yaml"]) == "c.yaml"
+    assert config_file_from_argv(["x.py"]) is None
+
+
+def test_tune_run_fails_fast_naming_the_key_and_the_closest_one(tmp_path):
+    """Through the real CLI: a misspelled override and a component that does not exist stop
+    `tune run recipes/eleuther_eval.py` before it loads a model or writes anything."""
+    output_dir = tmp_path / "eval"
+    start = time.monotonic()
+    proc = run_cli(
+        "tune",
+        ["run", "recipes/eleuther_eval.py", "--config", "configs/tiny/eval.yaml", "limt=3",
+         "model._component_=components.models.tiny_llama3_3", f"output_dir={output_dir}"],
+        check=False,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert (
+        "configs/tiny/eval.yaml: unknown key 'limt' (did you mean 'limit'?): eleuther_eval.py does not read it, "
+        "set on the command line" in proc.stderr
+    ), proc.stderr[-3000:]
+    assert (
+        "configs/tiny/eval.yaml: model._component_: 'components.models.tiny_llama3_3' does not exist: "
+        "no 'tiny_llama3_3' in components.models (did you mean 'tiny_llama3_2'?)" in proc.stderr
+    )
+    assert "Running EleutherEvalRecipe" not in proc.stdout + proc.stderr  # stopped before log_config
+    assert not output_dir.exists()
+    assert time.monotonic() - start < 120
+
+
+def test_the_study_file_names_a_misspelled_key_with_the_closest_one(tmp_path):
+    from components.study.spec import StudyError, load_study
+
+    study = Path(tmp_path / "study.yaml")
+    study.write_text("name: s\nrunz: {}\n")
+    with pytest.raises(StudyError, match=r"study.yaml: unknown key 'runz'; did you mean 'runs'\?"):
+        load_study(str(study))
