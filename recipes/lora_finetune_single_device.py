@@ -10,12 +10,35 @@
 # applies the adapter twice when peft is installed. Here `epoch_N/` keeps only the merged HF model
 # (+ config and tokenizer files) and the adapter (PEFT `adapter_model.safetensors` +
 # `adapter_config.json`, plus torchtune's `adapter_model.pt` used for resuming) goes to
-# `output_dir/adapter/epoch_N/`, where a resumed run also looks for it. Also fixed, for CPU runs:
-# the merge wrote the LoRA delta into the live base weights (`.cpu()` does not copy on CPU), and
-# a resumed run without max_steps_per_epoch restarted its LR schedule. Changes marked "medtune:".
+# `output_dir/adapter/epoch_N/`. Also fixed, for CPU runs: the merge wrote the LoRA delta into
+# the live base weights (`.cpu()` does not copy on CPU).
+#
+# medtune: long runs. As in recipes/full_finetune_single_device.py (components.checkpointing):
+#   - `save_every_n_steps: N` writes `output_dir/step_<global step>/` every N optimizer steps,
+#     keeping the newest `keep_last_n_checkpoints` (null keeps all). A step folder holds the
+#     adapter only: PEFT `adapter_model.safetensors` + `adapter_config.json`, torchtune's
+#     `adapter_model.pt` (what a resume loads), and `recipe_state.pt` (optimizer, LR scheduler
+#     position (the global step), dataloader position, torch and Python RNG states; loads with
+#     `torch.load(weights_only=True)`). No merged weights: they would cost a full model's size
+#     per save (~6 GiB at 3B), and a resume rebuilds the model from the base checkpoint the
+#     config names plus the adapter. No merge happens, so the live weights are never touched.
+#   - At an epoch's end `output_dir/adapter/epoch_N/` is written first, then `epoch_N/` (the
+#     merged HF model, with `recipe_state.pt` when more epochs follow), so a resumable
+#     `epoch_N/` always has its adapter.
+#   - `resume_from_checkpoint: True` continues from the newest resumable folder (or
+#     `resume_from: <folder>`), mid-epoch included, with the same losses as an uninterrupted run
+#     (LoRA dropout included: the RNG state is restored). torchtune's own resume (adapter and
+#     `recipe_state/recipe_state.pt` named in the config) is not used.
+#   - Every folder is written to a staging folder and renamed, so a kill during a save leaves
+#     the previous checkpoint resumable; a NaN or infinite loss stops the run before the
+#     optimizer step, naming the step and the last good checkpoint.
+#   - An epoch stops after exactly `steps_per_epoch` optimizer steps, also when resumed, and a
+#     resumed run keeps its step count and LR schedule (torchtune 0.6.1 restarted them without
+#     max_steps_per_epoch).
+# Changes marked "medtune:".
 
 import os
-import re
+import shutil
 import sys
 import time
 
@@ -49,6 +72,21 @@ from torchtune.training import DummyProfiler, PROFILER_KEY
 
 from tqdm import tqdm
 
+from components.checkpointing import (
+    GLOBAL_STEP_KEY,
+    RNG_STATE_KEY,
+    check_finite_loss,
+    check_positive,
+    find_resume_dir,
+    load_recipe_state,
+    prune_step_checkpoints,
+    restore_rng_state,
+    rng_state,
+    save_recipe_state,
+    write_atomically,
+    write_with_checkpointer,
+)
+
 log = utils.get_logger("DEBUG")
 
 # medtune: the adapter's own folder, `<output_dir>/adapter/epoch_N/`, apart from the merged weights.
@@ -62,35 +100,30 @@ ADAPTER_FILES = (
 )
 
 
-def move_adapter_files(output_dir: Union[str, Path], epoch: int) -> Optional[Path]:
-    """medtune: move the adapter files of `output_dir/epoch_N/` to `output_dir/adapter/epoch_N/`."""
-    src = Path(output_dir) / f"epoch_{epoch}"
-    dst = Path(output_dir) / ADAPTER_DIRNAME / f"epoch_{epoch}"
-    moved = False
+def move_adapter_files(src: Path, dst: Path) -> None:
+    """medtune: move the adapter files the checkpointer wrote in ``src`` to ``dst``."""
     for name in ADAPTER_FILES:
         if (src / name).is_file():
-            dst.mkdir(parents=True, exist_ok=True)
             os.replace(src / name, dst / name)
-            moved = True
-    if moved:
-        log.info(f"Adapter (PEFT format) moved to {dst}")
-    return dst if moved else None
 
 
-def latest_adapter_checkpoint(output_dir: Union[str, Path]) -> Optional[str]:
-    """medtune: `output_dir/adapter/epoch_<largest N>/adapter_model.pt`, if there is one."""
-    adapter_root = Path(output_dir) / ADAPTER_DIRNAME
-    if not adapter_root.is_dir():
-        return None
-    epochs = [
-        int(m.group(1))
-        for m in (re.fullmatch(r"epoch_(\d+)", p.name) for p in adapter_root.iterdir())
-        if m
-    ]
-    if not epochs:
-        return None
-    path = adapter_root / f"epoch_{max(epochs)}" / "adapter_model.pt"
-    return str(path.resolve()) if path.is_file() else None
+def keep_only_adapter_files(folder: Path) -> None:
+    """medtune: drop the config and tokenizer files the checkpointer copies next to an adapter."""
+    for path in folder.iterdir():
+        if path.name in ADAPTER_FILES:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def adapter_folder(checkpoint: Path) -> Path:
+    """medtune: where a resumable folder's adapter is: in ``step_N/`` itself; beside the merged
+    weights of ``epoch_N/``, in ``adapter/epoch_N/``."""
+    if checkpoint.name.startswith("epoch_"):
+        return checkpoint.parent / ADAPTER_DIRNAME / checkpoint.name
+    return checkpoint
 
 
 def copy_weights_merged_in_place(state_dict: Dict[str, Any]) -> Dict[str, Any]:
@@ -161,8 +194,9 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
 
             Optimizer State and recipe state (seed, total_epochs, number of epochs run etc) are
             only saved at the end of a given epoch and used in case of resuming training. Resuming
-            training is controlled by the ``resume_from_checkpoint`` flag. Mid-epoch checkpointing is
-            currently not supported.
+            training is controlled by the ``resume_from_checkpoint`` flag. medtune: also every
+            ``save_every_n_steps`` optimizer steps (adapter + recipe state, ``output_dir/step_N/``),
+            from which a run resumes mid-epoch; see the header.
 
             For more details on the checkpointer, please take a look at
             our checkpointer deepdive (https://pytorch.org/torchtune/main/tutorials/checkpointer.html).
@@ -221,6 +255,15 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         self.global_step = 0
         self._resume_from_checkpoint = cfg.resume_from_checkpoint
         self._save_adapter_weights_only = cfg.get("save_adapter_weights_only", False)
+        # medtune: step checkpoints and where to resume from
+        self._resume_from = cfg.get("resume_from", None)
+        self._save_every_n_steps = check_positive(
+            "save_every_n_steps", cfg.get("save_every_n_steps", None)
+        )
+        self._keep_last_n_checkpoints = check_positive(
+            "keep_last_n_checkpoints", cfg.get("keep_last_n_checkpoints", None)
+        )
+        self._resumed_rng_state = None
         self._gradient_accumulation_steps = cfg.gradient_accumulation_steps
         self._clip_grad_norm = cfg.get("clip_grad_norm", None)
 
@@ -256,28 +299,23 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         base model weights. If resume_from_checkpoint is True, this also includes
         the adapter weights and recipe state
         """
-        # medtune: the checkpointer writes into its own output_dir; the adapter is moved from
-        # there to <output_dir>/adapter/epoch_N/, and a resumed run must be pointed at it.
-        self._checkpoint_output_dir = cfg_checkpointer.get("output_dir", self._output_dir)
-        extra = {}
-        if self._resume_from_checkpoint and not cfg_checkpointer.get(
-            "adapter_checkpoint", None
-        ):
-            adapter_checkpoint = latest_adapter_checkpoint(self._checkpoint_output_dir)
-            if adapter_checkpoint is not None:
-                extra["adapter_checkpoint"] = adapter_checkpoint
-        self._checkpointer = config.instantiate(
-            cfg_checkpointer,
-            should_load_recipe_state=self._resume_from_checkpoint,
-            **extra,
-        )
+        # medtune: the checkpointer only reads the base weights; the adapter and recipe state
+        # come from this recipe's own resumable folder (step_N/, or epoch_N/ with adapter/epoch_N/).
+        self._checkpointer = config.instantiate(cfg_checkpointer, should_load_recipe_state=False)
         checkpoint_dict = self._checkpointer.load_checkpoint()
 
         if self._resume_from_checkpoint:
-            if training.ADAPTER_KEY not in checkpoint_dict:
+            resume_dir = find_resume_dir(self._output_dir, self._resume_from)
+            adapter_file = adapter_folder(resume_dir) / "adapter_model.pt"
+            if not adapter_file.is_file():
                 raise ValueError(
-                    "Adapter weights not found. Please ensure a valid adapter checkpoint is provided."
+                    f"cannot resume from {resume_dir}: no adapter at {adapter_file}"
                 )
+            log.info(f"Resuming from {resume_dir} (adapter: {adapter_file})")
+            checkpoint_dict[training.ADAPTER_KEY] = torch.load(
+                adapter_file, map_location="cpu", weights_only=True
+            )
+            checkpoint_dict.update(load_recipe_state(resume_dir))
             # _update_recipe_state will throw an exception if the recipe state is not corrctly loaded
             # no need to check here
             self._update_recipe_state(checkpoint_dict)
@@ -307,6 +345,9 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
                     )
                 )
                 self.max_steps_per_epoch = ckpt_dict[training.MAX_STEPS_KEY]
+            # medtune: mid-epoch position; the RNG is restored when training starts (`train`)
+            self.global_step = ckpt_dict[GLOBAL_STEP_KEY]
+            self._resumed_rng_state = ckpt_dict[RNG_STATE_KEY]
 
             # on mismatch, warn the user but allow the override
             if self.total_epochs != ckpt_dict[training.TOTAL_EPOCHS_KEY]:
@@ -412,8 +453,10 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         ):
             self._steps_per_epoch = self.max_steps_per_epoch
         # medtune: torchtune 0.6.1 sets this only inside the `if` above, so a resumed run without
-        # max_steps_per_epoch restarted its step count and LR schedule at 0.
-        self.global_step = self.epochs_run * self._steps_per_epoch
+        # max_steps_per_epoch restarted its step count and LR schedule at 0; a resumed run takes
+        # it from the recipe state (mid-epoch included).
+        if not self._resume_from_checkpoint:
+            self.global_step = self.epochs_run * self._steps_per_epoch
 
         # Learning rate scheduler can only be set up after number of steps
         # has been computed
@@ -650,6 +693,9 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
             # dropping last avoids shape issues with compile + flex attention
             drop_last=True,
         )
+        # medtune: torchtune 0.6.1 passes the saved position here but never loads it
+        if dataloader_state_dict is not None:
+            dataloader.load_state_dict(dataloader_state_dict)
 
         return dataloader
 
@@ -663,27 +709,43 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         - If the `self._save_adapter_weights_only` option is True, the checkpointer will save only the adapter weights
 
         To correctly resume from training, the adapter weights and recipe state must be provided along with the base model weights.
+
+        medtune: ``output_dir/adapter/epoch_<epoch>/`` and then ``output_dir/epoch_<epoch>/``,
+        with ``recipe_state.pt`` in the latter when more epochs follow.
         """
+        self._write_checkpoint(
+            f"epoch_{epoch}", with_recipe_state=epoch + 1 < self.total_epochs, epoch_end=True
+        )
+
+    def _recipe_state(self, epoch_end: bool) -> Dict[str, Any]:
+        """medtune: everything a resumed run needs besides the weights (weights_only-loadable).
+
+        At an epoch's end the dataloader position is left out: the next epoch starts afresh
+        (a loop stopped by max_steps_per_epoch would otherwise skip that many batches).
+        """
+        return {
+            training.OPT_KEY: self._optimizer.state_dict(),
+            training.SEED_KEY: self.seed,
+            training.EPOCHS_KEY: self.epochs_run,
+            training.TOTAL_EPOCHS_KEY: self.total_epochs,
+            training.MAX_STEPS_KEY: self.max_steps_per_epoch,
+            training.DATALOADER_KEY: None if epoch_end else self._dataloader.state_dict(),
+            GLOBAL_STEP_KEY: self.global_step,
+            RNG_STATE_KEY: rng_state(),
+        }
+
+    def _write_checkpoint(
+        self, folder: str, with_recipe_state: bool, epoch_end: bool = False
+    ) -> Path:
+        """medtune: ``output_dir/<folder>``, written atomically: a kill during the save leaves
+        only a staging folder that resuming ignores. A step folder holds the adapter (+ recipe
+        state); an epoch folder the merged weights, its adapter going to adapter/<folder>/."""
         ckpt_dict = {}
-
-        intermediate_checkpoint = epoch + 1 < self.total_epochs
-        # if training is in-progress, checkpoint the optimizer state as well
-        if intermediate_checkpoint:
-            ckpt_dict.update(
-                {
-                    training.OPT_KEY: self._optimizer.state_dict(),
-                    training.SEED_KEY: self.seed,
-                    training.EPOCHS_KEY: self.epochs_run,
-                    training.TOTAL_EPOCHS_KEY: self.total_epochs,
-                    training.MAX_STEPS_KEY: self.max_steps_per_epoch,
-                    training.DATALOADER_KEY: self._dataloader.state_dict(),
-                }
-            )
-
         adapter_state_dict = get_adapter_state_dict(self._model.state_dict())
         ckpt_dict.update({training.ADAPTER_KEY: adapter_state_dict})
 
-        if not self._save_adapter_weights_only:
+        adapter_only = self._save_adapter_weights_only or not epoch_end
+        if not adapter_only:
             # Construct the full state dict with LoRA weights merged into base LLM weights
 
             # Move to CPU to avoid a copy on GPU
@@ -712,14 +774,26 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         }
         ckpt_dict.update({training.ADAPTER_CONFIG: adapter_config})
 
-        self._checkpointer.save_checkpoint(
-            ckpt_dict,
-            epoch=epoch,
-            intermediate_checkpoint=intermediate_checkpoint,
-            adapter_only=self._save_adapter_weights_only,
-        )
-        # medtune: keep epoch_N/ a plain merged HF model; the adapter gets its own folder.
-        move_adapter_files(self._checkpoint_output_dir, epoch)
+        def write(staging: Path) -> None:
+            write_with_checkpointer(
+                self._checkpointer, staging, ckpt_dict, adapter_only=adapter_only
+            )
+            if epoch_end:
+                # keep epoch_N/ a plain merged HF model; the adapter gets its own folder,
+                # complete before epoch_N/ appears
+                write_atomically(
+                    Path(self._output_dir) / ADAPTER_DIRNAME,
+                    folder,
+                    lambda adapter_staging: move_adapter_files(staging, adapter_staging),
+                )
+            else:
+                keep_only_adapter_files(staging)
+            if with_recipe_state:
+                save_recipe_state(staging, self._recipe_state(epoch_end))
+
+        target = write_atomically(self._output_dir, folder, write)
+        log.info(f"Checkpoint written to {target}" + (" (resumable)" if with_recipe_state else ""))
+        return target
 
     def _loss_step(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         # Shape [b, s], needed for the loss not the model
@@ -763,9 +837,20 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         with self._profiler as prof:
             # self.epochs_run should be non-zero when we're resuming from a checkpoint
             for curr_epoch in range(self.epochs_run, self.total_epochs):
-                pbar = tqdm(total=self._steps_per_epoch)
+                # medtune: optimizer steps already taken in this epoch (non-zero after a mid-epoch resume)
+                steps_in_epoch = self.global_step - curr_epoch * self._steps_per_epoch
+                pbar = tqdm(total=self._steps_per_epoch, initial=steps_in_epoch)
                 self._dataloader.sampler.set_epoch(curr_epoch)
-                for idx, batch in enumerate(self._dataloader):
+                # medtune: a resumed run's RNG continues the saved stream. Starting an epoch's
+                # iterator draws a seed from it, so restore before that at an epoch boundary and
+                # after it mid-epoch (where the saved run had already drawn it).
+                resumed_rng, self._resumed_rng_state = self._resumed_rng_state, None
+                if resumed_rng is not None and steps_in_epoch == 0:
+                    restore_rng_state(resumed_rng)
+                batches = iter(self._dataloader)
+                if resumed_rng is not None and steps_in_epoch > 0:
+                    restore_rng_state(resumed_rng)
+                for idx, batch in enumerate(batches):
                     # Start tracking CUDA memory for active steps for just the first epoch
                     if (
                         curr_epoch == 0
@@ -792,6 +877,11 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
 
                     # Step with optimizer
                     if (idx + 1) % self._gradient_accumulation_steps == 0:
+                        # medtune: a NaN/inf loss stops the run here, before this step is saved
+                        loss_to_log = running_loss.item() / num_tokens
+                        check_finite_loss(
+                            float(loss_to_log), self.global_step + 1, self._output_dir
+                        )
                         training.scale_grads(self._model, 1 / num_tokens)
                         if self._clip_grad_norm is not None:
                             grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -803,8 +893,8 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
                         self._lr_scheduler.step()
                         # Update the number of steps when the weights are updated
                         self.global_step += 1
+                        steps_in_epoch += 1
 
-                        loss_to_log = running_loss.item() / num_tokens
                         pbar.update(1)
                         pbar.set_description(
                             f"{curr_epoch + 1}|{self.global_step}|Loss: {loss_to_log}"
@@ -835,6 +925,19 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
                         # Reset running stats for the next step
                         running_loss = 0
                         num_tokens = 0
+
+                        # medtune: step-based checkpoints (the epoch's last step gets the epoch one)
+                        if (
+                            self._save_every_n_steps
+                            and self.global_step % self._save_every_n_steps == 0
+                            and steps_in_epoch < self._steps_per_epoch
+                        ):
+                            self._write_checkpoint(
+                                f"step_{self.global_step}", with_recipe_state=True
+                            )
+                            prune_step_checkpoints(
+                                self._output_dir, self._keep_last_n_checkpoints
+                            )
                         t0 = time.perf_counter()
 
                     # Stop tracking CUDA memory now that active steps are complete
@@ -854,9 +957,8 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
                     # if the schedule cycle doesn't align with gradient accumulation.
                     prof.step()
 
-                    if (
-                        (idx + 1) // self._gradient_accumulation_steps
-                    ) == self.max_steps_per_epoch:
+                    # medtune: counted in optimizer steps, so a resumed epoch stops where it should
+                    if steps_in_epoch >= self._steps_per_epoch:
                         break
 
                 self.epochs_run += 1

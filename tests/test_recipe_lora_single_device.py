@@ -2,8 +2,9 @@
 
 LoRA and QLoRA (NF4 base) on the tiny model with configs/tiny/{lora,qlora}.yaml: the loss falls,
 `epoch_N/` is a plain merged Hugging Face model with no adapter files, and the PEFT adapter in
-`adapter/epoch_N/` loaded by peft onto the base gives the merged model's logits. A resumed run
-finds the adapter in its new place.
+`adapter/epoch_N/` loaded by peft onto the base gives the merged model's logits. A run resumed
+from `epoch_0/` (recipe state) finds the adapter in `adapter/epoch_0/`. Step checkpoints and
+mid-epoch resume: test_resume_single_device.py.
 """
 
 import json
@@ -40,10 +41,10 @@ def files_under(path: Path) -> List[str]:
     return sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
 
 
-# Two epochs of 10 steps (20 in all), so epoch 0 also leaves a resumable recipe state. No
-# dropout: torchtune does not restore RNG state on resume, and without it a resumed run must
-# reproduce the uninterrupted one.
-LORA_RUN = [*FAST, "epochs=2", "max_steps_per_epoch=10", "model.lora_dropout=0.0"]
+# Two epochs of 10 steps (20 in all), so epoch 0 also leaves a resumable recipe state. With the
+# config's LoRA dropout: the recipe state holds the RNG state, so a resumed run draws the same
+# dropout masks.
+LORA_RUN = [*FAST, "epochs=2", "max_steps_per_epoch=10"]
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +146,8 @@ def test_lora_loss_falls_and_adapter_is_kept_apart(lora_run):
     assert_loss_falls(step_losses(latest_log(lora_run)))
     for epoch in (0, 1):
         assert_adapter_layout(lora_run, epoch)
-    assert (lora_run / "recipe_state" / "recipe_state.pt").is_file()
+    assert (lora_run / "epoch_0" / "recipe_state.pt").is_file()
+    assert not (lora_run / "epoch_1" / "recipe_state.pt").exists(), "nothing follows the last epoch"
 
 
 @pytest.mark.parametrize("epoch", [0, 1])
@@ -162,10 +164,10 @@ def test_lora_adapter_loads_with_peft_onto_base(lora_run, epoch):
 
 
 def test_lora_resume_finds_adapter_in_its_folder(lora_run, tmp_path):
-    """Resume epoch 1 from epoch 0's adapter (moved to adapter/epoch_0) and recipe state."""
+    """Resume epoch 1 from epoch 0's recipe state and its adapter (in adapter/epoch_0)."""
     out = tmp_path / "resumed"
     out.mkdir()
-    for part in ("adapter/epoch_0", "epoch_0", "recipe_state"):
+    for part in ("adapter/epoch_0", "epoch_0"):
         src = lora_run / part
         for f in src.rglob("*"):
             if f.is_file():
@@ -173,7 +175,7 @@ def test_lora_resume_finds_adapter_in_its_folder(lora_run, tmp_path):
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 dst.write_bytes(f.read_bytes())
     log = tune_run("configs/tiny/lora.yaml", out, *LORA_RUN, "resume_from_checkpoint=True")
-    assert f"adapter_checkpoint: {(out / 'adapter' / 'epoch_0' / 'adapter_model.pt').resolve()}" in log
+    assert f"Resuming from {out / 'epoch_0'} (adapter: {out / 'adapter' / 'epoch_0' / 'adapter_model.pt'})" in log
     resumed = step_losses(latest_log(out))
     uninterrupted = step_losses(latest_log(lora_run))
     # It continues the step count and reproduces the uninterrupted run's epoch 1.
