@@ -16,20 +16,36 @@
 #   top, and the reference forward runs with the adapters disabled, i.e. exactly stage 1's model.
 # - as in medtune's LoRA SFT recipe, output_dir/epoch_N/ keeps only the merged HF model and the
 #   PEFT adapter goes to output_dir/adapter/epoch_N/ (`lm_eval --model hf` would otherwise
-#   apply it twice); a resumed run looks for the adapter there.
-# - global_step is set from epochs_run also without max_steps_per_epoch (torchtune 0.6.1 set it
-#   only inside that branch, so a resumed run restarted its LR schedule).
+#   apply it twice). On CPU the merge works on copies: torchtune's merged the LoRA delta into
+#   the live base weights, which are also the reference model's.
+# - long runs, as in recipes/lora_finetune_single_device.py (components.checkpointing):
+#   `save_every_n_steps: N` writes `output_dir/step_<global step>/` every N optimizer steps,
+#   keeping the newest `keep_last_n_checkpoints` (null keeps all). A step folder holds the
+#   adapter only (PEFT `adapter_model.safetensors` + `adapter_config.json`, torchtune's
+#   `adapter_model.pt` that a resume loads) and `recipe_state.pt` (optimizer, LR scheduler
+#   position (the global step), dataloader position, torch and Python RNG states; loads with
+#   `torch.load(weights_only=True)`): a resume rebuilds policy and reference from the stage-1
+#   checkpoint the config names plus the adapter. At an epoch's end `adapter/epoch_N/` is
+#   written, then `epoch_N/` (merged weights, + `recipe_state.pt` when more epochs follow).
+#   `resume_from_checkpoint: True` continues from the newest resumable folder (or
+#   `resume_from: <folder>`), mid-epoch included (the dataloader is torchdata's
+#   StatefulDataLoader), with the same losses as an uninterrupted run. Saves are atomic
+#   (staging folder + rename); a NaN or infinite loss stops the run before the optimizer step,
+#   naming the step and the last good checkpoint. torchtune's own resume is not used.
+# - an epoch stops after exactly `steps_per_epoch` optimizer steps, also when resumed, and a
+#   resumed run keeps its step count and LR schedule (torchtune 0.6.1 restarted them without
+#   max_steps_per_epoch).
 # - runs on CPU in fp32 (nothing CUDA-only is reached; documented below).
 
 import inspect
 import os
-import re
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from functools import partial
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple
 from warnings import warn
 
 import torch
@@ -37,7 +53,8 @@ from omegaconf import DictConfig, ListConfig
 
 from torch import nn
 from torch.optim import Optimizer
-from torch.utils.data import DataLoader, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config, modules, rlhf, training, utils
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_dpo
 from torchtune.datasets import ConcatDataset
@@ -54,6 +71,21 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 
 from tqdm import tqdm
 
+from components.checkpointing import (
+    GLOBAL_STEP_KEY,
+    RNG_STATE_KEY,
+    check_finite_loss,
+    check_positive,
+    find_resume_dir,
+    load_recipe_state,
+    prune_step_checkpoints,
+    restore_rng_state,
+    rng_state,
+    save_recipe_state,
+    write_atomically,
+    write_with_checkpointer,
+)
+
 log = utils.get_logger("DEBUG")
 
 # medtune: the adapter's own folder, `<output_dir>/adapter/epoch_N/`, apart from the merged weights.
@@ -66,35 +98,42 @@ ADAPTER_FILES = (
 )
 
 
-def move_adapter_files(output_dir: Union[str, Path], epoch: int) -> Optional[Path]:
-    """medtune: move the adapter files of `output_dir/epoch_N/` to `output_dir/adapter/epoch_N/`."""
-    src = Path(output_dir) / f"epoch_{epoch}"
-    dst = Path(output_dir) / ADAPTER_DIRNAME / f"epoch_{epoch}"
-    moved = False
+def move_adapter_files(src: Path, dst: Path) -> None:
+    """medtune: move the adapter files the checkpointer wrote in ``src`` to ``dst``."""
     for name in ADAPTER_FILES:
         if (src / name).is_file():
-            dst.mkdir(parents=True, exist_ok=True)
             os.replace(src / name, dst / name)
-            moved = True
-    if moved:
-        log.info(f"Adapter (PEFT format) moved to {dst}")
-    return dst if moved else None
 
 
-def latest_adapter_checkpoint(output_dir: Union[str, Path]) -> Optional[str]:
-    """medtune: `output_dir/adapter/epoch_<largest N>/adapter_model.pt`, if there is one."""
-    root = Path(output_dir) / ADAPTER_DIRNAME
-    if not root.is_dir():
-        return None
-    epochs = [
-        int(m.group(1))
-        for m in (re.fullmatch(r"epoch_(\d+)", p.name) for p in root.iterdir())
-        if m
-    ]
-    if not epochs:
-        return None
-    path = root / f"epoch_{max(epochs)}" / "adapter_model.pt"
-    return str(path.resolve()) if path.is_file() else None
+def keep_only_adapter_files(folder: Path) -> None:
+    """medtune: drop the config and tokenizer files the checkpointer copies next to an adapter."""
+    for path in folder.iterdir():
+        if path.name in ADAPTER_FILES:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def adapter_folder(checkpoint: Path) -> Path:
+    """medtune: where a resumable folder's adapter is: in ``step_N/`` itself; beside the merged
+    weights of ``epoch_N/``, in ``adapter/epoch_N/``."""
+    if checkpoint.name.startswith("epoch_"):
+        return checkpoint.parent / ADAPTER_DIRNAME / checkpoint.name
+    return checkpoint
+
+
+def copy_weights_merged_in_place(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """medtune: copy the base weights that torchtune's get_merged_lora_ckpt adds LoRA into in place.
+
+    On CPU, `tensor.cpu()` returns the live parameter itself, so torchtune's in-place merge wrote
+    the LoRA delta into the weights still being trained, which are also the reference model's.
+    """
+    for key in [k for k in state_dict if k.endswith(".lora_a.weight")]:
+        weight_key = key[: -len("lora_a.weight")] + "weight"
+        state_dict[weight_key] = state_dict[weight_key].clone()
+    return state_dict
 
 
 class KnowTuningDPORecipeSingleDevice(FTRecipeInterface):
@@ -117,7 +156,7 @@ class KnowTuningDPORecipeSingleDevice(FTRecipeInterface):
             setting `dtype=bf16` in configuration.
         - Checkpointing: of LoRA adapter parameters and their optimizer states. When resuming
             from a checkpoint, the adapter parameters are loaded from the checkpoint along
-            with the base model weights. Note that intra-epoch resumption is not supported.
+            with the base model weights. medtune: mid-epoch too, from step checkpoints.
         - Logging to terminal, WandB, or TensorBoard.
 
 
@@ -127,8 +166,8 @@ class KnowTuningDPORecipeSingleDevice(FTRecipeInterface):
         - :class:`~torchtune.rlhf.loss.RSOPLoss`: Rejection Sampling Optimization (RSO).
 
     Assumptions:
-        - Checkpoints are ONLY saved at epoch boundaries. In case of failure, work done
-            in ongoing epoch is lost.
+        - medtune: checkpoints are saved every ``save_every_n_steps`` optimizer steps and at
+            epoch boundaries.
         - Datasets are Map-style and data fits in memory (not streamed).
 
     The following configs can be used to run this recipe:
@@ -206,6 +245,15 @@ class KnowTuningDPORecipeSingleDevice(FTRecipeInterface):
         self._resume_from_checkpoint = cfg.resume_from_checkpoint
         self._save_adapter_weights_only = cfg.get("save_adapter_weights_only", False)
         self._gradient_accumulation_steps = cfg.gradient_accumulation_steps
+        # medtune: step checkpoints and where to resume from
+        self._resume_from = cfg.get("resume_from", None)
+        self._save_every_n_steps = check_positive(
+            "save_every_n_steps", cfg.get("save_every_n_steps", None)
+        )
+        self._keep_last_n_checkpoints = check_positive(
+            "keep_last_n_checkpoints", cfg.get("keep_last_n_checkpoints", None)
+        )
+        self._resumed_rng_state = None
 
     def load_checkpoint(self, cfg_checkpointer: DictConfig) -> Dict[str, Any]:
         """
@@ -213,20 +261,9 @@ class KnowTuningDPORecipeSingleDevice(FTRecipeInterface):
         base model weights. If resume_from_checkpoint is True, this also includes
         the adapter weights and recipe state
         """
-        # medtune: the adapter lives in <output_dir>/adapter/epoch_N/; point a resumed run at it.
-        self._checkpoint_output_dir = cfg_checkpointer.get("output_dir", self._output_dir)
-        extra = {}
-        if self._resume_from_checkpoint and not cfg_checkpointer.get(
-            "adapter_checkpoint", None
-        ):
-            adapter_checkpoint = latest_adapter_checkpoint(self._checkpoint_output_dir)
-            if adapter_checkpoint is not None:
-                extra["adapter_checkpoint"] = adapter_checkpoint
-        self._checkpointer = config.instantiate(
-            cfg_checkpointer,
-            should_load_recipe_state=self._resume_from_checkpoint,
-            **extra,
-        )
+        # medtune: the checkpointer only reads the base weights; the adapter and recipe state
+        # come from this recipe's own resumable folder (step_N/, or epoch_N/ with adapter/epoch_N/).
+        self._checkpointer = config.instantiate(cfg_checkpointer, should_load_recipe_state=False)
         checkpoint_dict = self._checkpointer.load_checkpoint()
         # medtune: these weights are the policy's base and, with the adapters disabled, the reference.
         log.info(
@@ -235,10 +272,17 @@ class KnowTuningDPORecipeSingleDevice(FTRecipeInterface):
         )
 
         if self._resume_from_checkpoint:
-            if training.ADAPTER_KEY not in checkpoint_dict:
+            resume_dir = find_resume_dir(self._output_dir, self._resume_from)
+            adapter_file = adapter_folder(resume_dir) / "adapter_model.pt"
+            if not adapter_file.is_file():
                 raise ValueError(
-                    "Adapter weights not found. Please ensure a valid adapter checkpoint is provided."
+                    f"cannot resume from {resume_dir}: no adapter at {adapter_file}"
                 )
+            log.info(f"Resuming from {resume_dir} (adapter: {adapter_file})")
+            checkpoint_dict[training.ADAPTER_KEY] = torch.load(
+                adapter_file, map_location="cpu", weights_only=True
+            )
+            checkpoint_dict.update(load_recipe_state(resume_dir))
             # _update_recipe_state will throw an exception if the recipe state is not correctly loaded
             # no need to check here
             self._update_recipe_state(checkpoint_dict)
@@ -268,6 +312,9 @@ class KnowTuningDPORecipeSingleDevice(FTRecipeInterface):
                     )
                 )
                 self.max_steps_per_epoch = ckpt_dict[training.MAX_STEPS_KEY]
+            # medtune: mid-epoch position; the RNG is restored when training starts (`train`)
+            self.global_step = ckpt_dict[GLOBAL_STEP_KEY]
+            self._resumed_rng_state = ckpt_dict[RNG_STATE_KEY]
 
             # on mismatch, warn the user but allow the override
             if self.total_epochs != ckpt_dict[training.TOTAL_EPOCHS_KEY]:
@@ -336,6 +383,11 @@ class KnowTuningDPORecipeSingleDevice(FTRecipeInterface):
             cfg_dataset=cfg.dataset,
             shuffle=cfg.shuffle,
             batch_size=cfg.batch_size,
+            dataloader_state_dict=(
+                checkpoint_dict[training.DATALOADER_KEY]
+                if self._resume_from_checkpoint
+                else None
+            ),
         )
 
         # Finally update the recipe state which can only be correctly set after all of the
@@ -353,8 +405,10 @@ class KnowTuningDPORecipeSingleDevice(FTRecipeInterface):
             and self.max_steps_per_epoch < self._steps_per_epoch
         ):
             self._steps_per_epoch = self.max_steps_per_epoch
-        # medtune: outside the `if`, so a resumed run without max_steps_per_epoch keeps its step.
-        self.global_step = self.epochs_run * self._steps_per_epoch
+        # medtune: outside the `if`, so a resumed run without max_steps_per_epoch keeps its step;
+        # a resumed run takes it from the recipe state (mid-epoch included).
+        if not self._resume_from_checkpoint:
+            self.global_step = self.epochs_run * self._steps_per_epoch
 
         # Learning rate scheduler can only be set up after number of steps
         # has been computed
@@ -459,11 +513,15 @@ class KnowTuningDPORecipeSingleDevice(FTRecipeInterface):
         cfg_dataset: DictConfig,
         shuffle: bool,
         batch_size: int,
-    ) -> Tuple[DistributedSampler, DataLoader]:
+        dataloader_state_dict: Optional[Dict[str, Any]] = None,
+    ) -> Tuple[StatefulDistributedSampler, StatefulDataLoader]:
         """
         All data related setup happens here. Currently this recipe only supports
         Map-style Datasets which fit into memory and an option for random shuffling.
         Samplers, iterable datasets, and streaming datasets are not supported.
+
+        medtune: torchdata's stateful sampler and dataloader (the same order as torch's), so a
+        step checkpoint records the position within the epoch (``dataloader_state_dict``).
         """
         if isinstance(cfg_dataset, ListConfig):
             datasets = [
@@ -474,14 +532,14 @@ class KnowTuningDPORecipeSingleDevice(FTRecipeInterface):
         else:
             ds = config.instantiate(cfg_dataset, tokenizer=self._tokenizer)
 
-        sampler = DistributedSampler(
+        sampler = StatefulDistributedSampler(
             ds,
             num_replicas=1,
             rank=0,
             shuffle=shuffle,
             seed=0,
         )
-        dataloader = DataLoader(
+        dataloader = StatefulDataLoader(
             dataset=ds,
             sampler=sampler,
             batch_size=batch_size,
@@ -493,6 +551,8 @@ class KnowTuningDPORecipeSingleDevice(FTRecipeInterface):
                 ignore_idx=CROSS_ENTROPY_IGNORE_IDX,
             ),
         )
+        if dataloader_state_dict is not None:
+            dataloader.load_state_dict(dataloader_state_dict)
         log.info("Dataset and Sampler are initialized.")
 
         return sampler, dataloader
@@ -507,29 +567,49 @@ class KnowTuningDPORecipeSingleDevice(FTRecipeInterface):
         - If the `self._save_adapter_weights_only` option is True, the checkpointer will save only the adapter weights
 
         To correctly resume from training, the adapter weights and recipe state must be provided along with the base model weights.
+
+        medtune: ``output_dir/adapter/epoch_<epoch>/`` and then ``output_dir/epoch_<epoch>/``,
+        with ``recipe_state.pt`` in the latter when more epochs follow.
         """
+        self._write_checkpoint(
+            f"epoch_{epoch}", with_recipe_state=epoch + 1 < self.total_epochs, epoch_end=True
+        )
+
+    def _recipe_state(self, epoch_end: bool) -> Dict[str, Any]:
+        """medtune: everything a resumed run needs besides the weights (weights_only-loadable).
+
+        At an epoch's end the dataloader position is left out: the next epoch starts afresh
+        (a loop stopped by max_steps_per_epoch would otherwise skip that many batches).
+        """
+        return {
+            training.OPT_KEY: self._optimizer.state_dict(),
+            training.SEED_KEY: self.seed,
+            training.EPOCHS_KEY: self.epochs_run,
+            training.TOTAL_EPOCHS_KEY: self.total_epochs,
+            training.MAX_STEPS_KEY: self.max_steps_per_epoch,
+            training.DATALOADER_KEY: None if epoch_end else self._dataloader.state_dict(),
+            GLOBAL_STEP_KEY: self.global_step,
+            RNG_STATE_KEY: rng_state(),
+        }
+
+    def _write_checkpoint(
+        self, folder: str, with_recipe_state: bool, epoch_end: bool = False
+    ) -> Path:
+        """medtune: ``output_dir/<folder>``, written atomically: a kill during the save leaves
+        only a staging folder that resuming ignores. A step folder holds the adapter (+ recipe
+        state); an epoch folder the merged weights, its adapter going to adapter/<folder>/."""
         ckpt_dict = {}
-
-        intermediate_checkpoint = epoch + 1 < self.total_epochs
-        # if training is in-progress, checkpoint the optimizer state as well
-        if intermediate_checkpoint:
-            ckpt_dict.update(
-                {
-                    training.OPT_KEY: self._optimizer.state_dict(),
-                    training.SEED_KEY: self.seed,
-                    training.EPOCHS_KEY: self.epochs_run,
-                    training.TOTAL_EPOCHS_KEY: self.total_epochs,
-                    training.MAX_STEPS_KEY: self.max_steps_per_epoch,
-                }
-            )
-
         adapter_state_dict = get_adapter_state_dict(self._model.state_dict())
         ckpt_dict.update({training.ADAPTER_KEY: adapter_state_dict})
-        if not self._save_adapter_weights_only:
+        adapter_only = self._save_adapter_weights_only or not epoch_end
+        if not adapter_only:
             # Construct the full state dict with LoRA weights merged into base LLM weights
 
             # Move to CPU to avoid a copy on GPU
             state_dict = {k: v.cpu() for k, v in self._model.state_dict().items()}
+            # medtune: on CPU those are the live weights; the merge below must not touch them.
+            if self._device.type == "cpu":
+                state_dict = copy_weights_merged_in_place(state_dict)
 
             merged_state_dict = get_merged_lora_ckpt(
                 state_dict,
@@ -551,14 +631,26 @@ class KnowTuningDPORecipeSingleDevice(FTRecipeInterface):
         }
         ckpt_dict.update({training.ADAPTER_CONFIG: adapter_config})
 
-        self._checkpointer.save_checkpoint(
-            ckpt_dict,
-            epoch=epoch,
-            intermediate_checkpoint=intermediate_checkpoint,
-            adapter_only=self._save_adapter_weights_only,
-        )
-        # medtune: keep epoch_N/ a plain merged HF model; the adapter gets its own folder.
-        move_adapter_files(self._checkpoint_output_dir, epoch)
+        def write(staging: Path) -> None:
+            write_with_checkpointer(
+                self._checkpointer, staging, ckpt_dict, adapter_only=adapter_only
+            )
+            if epoch_end:
+                # keep epoch_N/ a plain merged HF model; the adapter gets its own folder,
+                # complete before epoch_N/ appears
+                write_atomically(
+                    Path(self._output_dir) / ADAPTER_DIRNAME,
+                    folder,
+                    lambda adapter_staging: move_adapter_files(staging, adapter_staging),
+                )
+            else:
+                keep_only_adapter_files(staging)
+            if with_recipe_state:
+                save_recipe_state(staging, self._recipe_state(epoch_end))
+
+        target = write_atomically(self._output_dir, folder, write)
+        log.info(f"Checkpoint written to {target}" + (" (resumable)" if with_recipe_state else ""))
+        return target
 
     def concatenated_forward(
         self, model: nn.Module, batch: Tuple[torch.Tensor, torch.Tensor]
@@ -629,15 +721,19 @@ class KnowTuningDPORecipeSingleDevice(FTRecipeInterface):
             # Update the sampler to ensure data is correctly shuffled across epochs
             # in case shuffle is True
             self._sampler.set_epoch(curr_epoch)
-            pbar = tqdm(total=self._steps_per_epoch)
-            for idx, batch in enumerate(self._dataloader):
-                if (
-                    self.max_steps_per_epoch is not None
-                    and (idx // self._gradient_accumulation_steps)
-                    == self.max_steps_per_epoch
-                ):
-                    break
-
+            # medtune: optimizer steps already taken in this epoch (non-zero after a mid-epoch resume)
+            steps_in_epoch = self.global_step - curr_epoch * self._steps_per_epoch
+            pbar = tqdm(total=self._steps_per_epoch, initial=steps_in_epoch)
+            # medtune: a resumed run's RNG continues the saved stream. Starting an epoch's
+            # iterator draws a seed from it, so restore before that at an epoch boundary and
+            # after it mid-epoch (where the saved run had already drawn it).
+            resumed_rng, self._resumed_rng_state = self._resumed_rng_state, None
+            if resumed_rng is not None and steps_in_epoch == 0:
+                restore_rng_state(resumed_rng)
+            batches = iter(self._dataloader)
+            if resumed_rng is not None and steps_in_epoch > 0:
+                restore_rng_state(resumed_rng)
+            for idx, batch in enumerate(batches):
                 # batch is input_ids, labels
                 num_tokens += batch[0].numel()
                 (
@@ -689,6 +785,9 @@ class KnowTuningDPORecipeSingleDevice(FTRecipeInterface):
 
                 # Step with optimizer
                 if (idx + 1) % self._gradient_accumulation_steps == 0:
+                    # medtune: a NaN/inf loss stops the run here, before this step is saved
+                    loss_to_log = running_loss.item()
+                    check_finite_loss(loss_to_log, self.global_step + 1, self._output_dir)
                     self._optimizer.step()
                     self._optimizer.zero_grad(set_to_none=True)
 
@@ -696,8 +795,8 @@ class KnowTuningDPORecipeSingleDevice(FTRecipeInterface):
                         self._lr_scheduler.step()
                     # Update the number of steps when the weights are updated
                     self.global_step += 1
+                    steps_in_epoch += 1
 
-                    loss_to_log = running_loss.item()
                     pbar.update(1)
                     pbar.set_description(
                         f"{curr_epoch + 1}|{self.global_step}|Loss: {loss_to_log}"
@@ -741,7 +840,22 @@ class KnowTuningDPORecipeSingleDevice(FTRecipeInterface):
                     running_loss = 0
                     running_dpo = running_sft = 0.0
                     num_tokens = 0
+
+                    # medtune: step-based checkpoints (the epoch's last step gets the epoch one)
+                    if (
+                        self._save_every_n_steps
+                        and self.global_step % self._save_every_n_steps == 0
+                        and steps_in_epoch < self._steps_per_epoch
+                    ):
+                        self._write_checkpoint(
+                            f"step_{self.global_step}", with_recipe_state=True
+                        )
+                        prune_step_checkpoints(self._output_dir, self._keep_last_n_checkpoints)
                     t0 = time.perf_counter()
+
+                # medtune: counted in optimizer steps, so a resumed epoch stops where it should
+                if steps_in_epoch >= self._steps_per_epoch:
+                    break
 
             self.epochs_run += 1
             self.save_checkpoint(epoch=curr_epoch)
