@@ -2,12 +2,15 @@
 
 Each tiny GaLore config runs by the command in its header: losses fall, the first ones equal
 pinned values, step checkpoints carry a recipe state (projection matrices included) that loads
-with torch.load(weights_only=True), and a run killed after a step checkpoint and resumed logs
-the same losses as the run that was never stopped.
+with torch.load(weights_only=True), only the newest `KEEP_LAST` step folders stay, a run killed
+after a step checkpoint and resumed logs the same losses as the run that was never stopped, and
+a NaN loss stops the run naming the step and the last good checkpoint. The same checkpoint code
+is tested on the other single-device recipes in test_resume_single_device.py.
 """
 
 import importlib.util
 import os
+import re
 import signal
 import subprocess
 import time
@@ -21,7 +24,8 @@ from components.metric_logs import latest_log, step_losses
 from tests.helpers import BIN, REPO_ROOT, header_command, run_cli
 
 STEPS = 16
-SAVE_EVERY = 6
+SAVE_EVERY = 4
+KEEP_LAST = 2
 # First losses for seed 42 on this project's CPU build of torch (one OpenMP thread). The first
 # is the untrained model's; GaLore's first update (projection from step 0's gradient) moves the
 # second. galore clips at 1.0, galore_layerwise cannot clip, hence their step 2 differs.
@@ -37,6 +41,7 @@ def command_for(method: str, output_dir: Path, *extra: str):
         f"output_dir={output_dir}",
         f"max_steps_per_epoch={STEPS}",
         f"save_every_n_steps={SAVE_EVERY}",
+        f"keep_last_n_checkpoints={KEEP_LAST}",
         *extra,
     ]
 
@@ -61,14 +66,16 @@ def test_loss_falls_and_first_losses_are_pinned(trained):
 
 def test_step_checkpoints_hold_weights_only_recipe_state_with_projections(trained):
     method, output_dir = trained
-    assert sorted(p.name for p in output_dir.glob("step_*")) == ["step_12", "step_6"]
+    # steps 4, 8 and 12 were saved (16 is the epoch's end: epoch_0/); the newest KEEP_LAST stay
+    assert sorted(p.name for p in output_dir.glob("step_*")) == ["step_12", "step_8"]
     assert not list(output_dir.glob(".*.partial")), "a staging folder was left behind"
-    for folder in ("step_6", "step_12", "epoch_0"):
+    for folder in ("step_8", "step_12", "epoch_0"):
         assert (output_dir / folder / "model-00001-of-00001.safetensors").is_file()
         assert (output_dir / folder / "config.json").is_file()
     assert not (output_dir / "epoch_0" / "recipe_state.pt").exists(), "nothing follows the last epoch"
-    state = torch.load(output_dir / "step_6" / "recipe_state.pt", weights_only=True)
-    assert state["global_step"] == 6 and state["epochs_run"] == 0
+    state = torch.load(output_dir / "step_8" / "recipe_state.pt", weights_only=True)
+    assert state["global_step"] == 8 and state["epochs_run"] == 0
+    assert set(state["rng_state"]) >= {"torch", "python"}
     optimizer = state["optimizer"]
     if method == "galore_layerwise":
         per_param = optimizer["layers.0.mlp.w1.weight"]
@@ -115,6 +122,22 @@ def test_a_killed_run_resumes_with_the_same_losses(trained, tmp_path):
     assert min(resumed) == resumable[-1] + 1 and max(resumed) == STEPS
     for step, loss in resumed.items():
         assert loss == pytest.approx(expected[step], abs=1e-6), (step, resumed, expected)
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(tmp_path):
+    output_dir = tmp_path / "nan"
+    # One step of 1e30 sends the weights past float32's range: the next loss is NaN or inf.
+    proc = run_cli(
+        "tune", command_for("galore", output_dir, "optimizer.lr=1e30", "save_every_n_steps=1"), check=False
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-3000:]
+    found = re.search(r"the training loss is (nan|inf|-inf) at step (\d+); stopping without saving", output)
+    assert found, output[-3000:]
+    bad = int(found.group(2))
+    last = output_dir / f"step_{bad - 1}"
+    assert bad > 1 and f"the last good checkpoint is {last} (step {bad - 1})" in output
+    assert not (output_dir / f"step_{bad}").exists() and not list(output_dir.glob(".*.partial"))
 
 
 def _recipe_class():
