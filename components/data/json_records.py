@@ -32,7 +32,9 @@ def _unique_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
     return record
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+#: The decoder every reader here uses: ``json``'s, refusing a repeated key in an object (it raises
+#: a ``ValueError``). Streaming readers that parse records themselves should decode with it too.
+DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
 
 
 def read_text(path: Union[str, Path]) -> str:
@@ -73,7 +75,7 @@ def _parse_array(text: str, path: Path) -> List[Any]:
         return items
     while True:
         try:
-            item, pos = _DECODER.raw_decode(text, pos)
+            item, pos = DECODER.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             reason = "truncated" if e.pos >= len(text.rstrip()) else e.msg
             raise DataError(
@@ -116,7 +118,7 @@ def _parse_lines(text: str, path: Path) -> List[Any]:
         if not line.strip():
             continue
         try:
-            items.append(_DECODER.decode(line))
+            items.append(DECODER.decode(line))
         except json.JSONDecodeError as e:
             raise DataError(
                 f"not valid JSON on line {lineno} column {e.colno}: {e.msg}",
@@ -128,7 +130,7 @@ def _parse_lines(text: str, path: Path) -> List[Any]:
     return items
 
 
-def _lone_surrogate(value: Any) -> bool:
+def has_lone_surrogate(value: Any) -> bool:
     """Whether a decoded JSON value holds a string (key or value) with an unpaired surrogate;
     iterative, so a deeply nested value cannot exhaust the stack."""
     stack = [value]
@@ -158,7 +160,7 @@ def _check_surrogates(text: str, document: Any, path: Path) -> None:
     else:
         parts = [(None, document)]
     for record, value in parts:
-        if _lone_surrogate(value) or (isinstance(record, str) and _lone_surrogate(record)):
+        if has_lone_surrogate(value) or (isinstance(record, str) and has_lone_surrogate(record)):
             raise DataError(
                 "a string holds a lone surrogate escape (\\ud800-\\udfff without its pair): not text",
                 file=path,
@@ -195,7 +197,7 @@ def read_json(path: Union[str, Path]) -> Any:
         value = _parse_array(text, path)
     else:
         try:
-            value = _DECODER.decode(text)
+            value = DECODER.decode(text)
         except json.JSONDecodeError as e:
             reason = "truncated" if e.pos >= len(text.rstrip()) else e.msg
             raise DataError(f"not valid JSON ({reason}) at {_position(text, e.pos)}", file=path) from None
