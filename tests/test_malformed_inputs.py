@@ -73,6 +73,8 @@ def _mutate(base: st.SearchStrategy, fields: List[str]) -> st.SearchStrategy:
     )
 
 
+#: Numbers that are not, or only look like one: ``str.isdigit`` accepts "²" and "١٢", ``int`` refuses the first.
+NUMBERS = st.sampled_from(["²", "١٢", "٣", 10**30, -1, "7", True, 1.0, "01", " 1"])
 INSTRUCTION = st.fixed_dictionaries({"instruction": TEXT, "input": st.one_of(TEXT, st.none()), "output": TEXT})
 INSTRUCTION_RECORDS = st.lists(_mutate(INSTRUCTION, ["instruction", "input", "output"]), max_size=5)
 
@@ -356,6 +358,56 @@ def test_decontamination_eval_sets(file):
             assert len(result) == len(file["records"])
 
 
+GENERATION = st.fixed_dictionaries(
+    {"generation": TEXT},
+    optional={"no": st.integers(0, 500) | NUMBERS, "doc_id": st.integers(0, 500) | NUMBERS, "prompt": TEXT, "label": TEXT},
+)
+
+
+def as_lm_eval_sample(record: Dict[str, Any]) -> Dict[str, Any]:
+    """lm-eval's ``--log_samples`` layout: the generation as ``resps: [[text]]``."""
+    record = dict(record)
+    record["resps"] = [[record.pop("generation")]]
+    return record
+
+
+GENERATION_RECORDS = st.lists(
+    st.one_of(_mutate(GENERATION, ["generation", "no", "doc_id", "prompt"]), st.builds(as_lm_eval_sample, GENERATION)),
+    max_size=4,
+)
+TEXT_FIELDS = ("generation", "response", "prediction", "predict", "resps", "filtered_resps", "answer")
+
+
+def generation_malformed(row: Dict[str, Any]) -> bool:
+    """The rules of ``GenerationIndex``: a generation field holding text (lists of it unwrapped),
+    and a ``doc_id``, if any, that is a document number."""
+    field = next((f for f in TEXT_FIELDS if f in row), None)
+    if field is None:
+        return True
+    value = row[field]
+    while isinstance(value, list) and value:
+        value = value[0]
+    if not isinstance(value, str):
+        return True
+    doc_id = row.get("doc_id", 0)
+    return "doc_id" in row and not (
+        (isinstance(doc_id, int) and not isinstance(doc_id, bool) and doc_id >= 0)
+        or (isinstance(doc_id, str) and doc_id.isascii() and doc_id.isdigit())
+    )
+
+
+@SETTINGS
+@given(file=json_files(GENERATION_RECORDS, layouts=("array", "jsonl")))
+def test_stored_generations_for_medtune_score(file):
+    """``medtune score TASK FILE`` reads stored generations through ``GenerationIndex``."""
+    from components.evaluation.replay import GenerationIndex
+
+    with written(file["data"], "generations.jsonl") as path:
+        result, error = load_or_error(lambda: GenerationIndex(str(path)))
+        if check_json_outcome(file, path, error, bad_records(file["records"], generation_malformed)):
+            assert len(result.records) == len(file["records"])
+
+
 # ---------------------------------------------------------------------------- KnowTuning KC pairs
 
 MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]), "content": TEXT})
@@ -424,8 +476,6 @@ def _usmle_base(n: int) -> Dict[str, Any]:
 
 
 #: (file, what to change) -> the change, and whether the error must name a record.
-#: Question numbers that are not: ``str.isdigit`` accepts "²" and "١٢", ``int`` refuses the first.
-NUMBERS = st.sampled_from(["²", "١٢", "٣", 10**30, -1, "7", True, 1.0, "01", " 1"])
 USMLE_DEFECTS = st.one_of(
     st.tuples(st.just("question"), st.just("no"), NUMBERS),
     st.tuples(st.just("images"), st.none(), st.lists(NUMBERS, min_size=1, max_size=2)),

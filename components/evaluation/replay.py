@@ -19,14 +19,15 @@ A document with no stored generation is an error (``missing="error"``) unless
 log-likelihoods: multiple-choice tasks need a live model.
 """
 
-import json
 import logging
 import re
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
+
+from components.data.errors import DataError
+from components.data.json_records import read_json_records
 
 logger = logging.getLogger(__name__)
 
@@ -43,35 +44,31 @@ def _text_of(record: Dict[str, Any], file: str, index: int) -> str:
             value = record[field]
             while isinstance(value, list):  # lm-eval samples: resps = [[text]]
                 if not value:
-                    raise ValueError(f"{file}: record {index}: empty {field!r}")
+                    raise DataError(f"empty {field!r}", file=file, record=index)
                 value = value[0]
             if not isinstance(value, str):
-                raise ValueError(f"{file}: record {index}: {field!r} is not text")
+                raise DataError(f"{field!r} is not text", file=file, record=index)
             return value
-    raise ValueError(f"{file}: record {index}: no generation field (one of {', '.join(TEXT_FIELDS)})")
+    raise DataError(f"no generation field (one of {', '.join(TEXT_FIELDS)})", file=file, record=index)
 
 
 def read_generations(path: str) -> List[Dict[str, Any]]:
-    """The records of a JSON list or JSON Lines file."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    text = p.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text)
-        records = data if isinstance(data, list) else [data]
-    except json.JSONDecodeError:
-        records = []
-        for line_no, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: line {line_no}: not JSON: {e}") from None
-    for i, r in enumerate(records):
-        if not isinstance(r, dict):
-            raise ValueError(f"{path}: record {i}: expected an object, got {type(r).__name__}")
-    return records
+    """The records of a JSON list or JSON Lines file of objects.
+
+    Raises:
+        DataError: a missing, non-UTF-8 or invalid file, or a record that is not an object
+            (see :func:`~components.data.json_records.read_json_records`); file and record named.
+    """
+    return read_json_records(path)
+
+
+def _number(value: Any) -> Optional[int]:
+    """``value`` as a non-negative int (an int, or a string of ASCII digits), else None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if value >= 0 else None
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    return None
 
 
 class GenerationIndex:
@@ -80,13 +77,17 @@ class GenerationIndex:
     def __init__(self, path: str):
         self.path = str(path)
         self.records = read_generations(self.path)
+        if not self.records:
+            raise DataError("holds no generations", file=self.path)
         self.by_key: Dict[Tuple[str, Any], List[int]] = {}
         for i, r in enumerate(self.records):
             _text_of(r, self.path, i)  # fail early on a record without text
             if "doc_id" in r:
-                self._add(("doc_id", int(r["doc_id"])), i)
-            if "no" in r and str(r["no"]).isdigit():
-                self._add(("no", int(r["no"])), i)
+                if _number(r["doc_id"]) is None:
+                    raise DataError(f"'doc_id' must be a document number, got {r['doc_id']!r:.60}", file=self.path, record=i)
+                self._add(("doc_id", _number(r["doc_id"])), i)
+            if _number(r.get("no")) is not None:
+                self._add(("no", _number(r["no"])), i)
             if isinstance(r.get("prompt"), str):
                 self._add(("prompt", _norm(r["prompt"])), i)
             if isinstance(r.get("label"), str):
