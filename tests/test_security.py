@@ -189,3 +189,26 @@ def test_a_hub_token_in_the_environment_never_reaches_outputs(tmp_path):
     leaks = [str(p.relative_to(output_dir)) for p in written if token.encode() in p.read_bytes()]
     assert not leaks, f"the token was written to {leaks}"
     assert token not in proc.stdout and token not in proc.stderr
+
+
+def test_a_failed_hub_lookup_does_not_print_the_token(monkeypatch):
+    """Offline, a Hub data set or file that cannot be fetched fails with a message (and, through
+    the CLI, a traceback) that does not carry the token."""
+    from components.data.medquad import load_medquad
+    from components.evaluation.usmle import resolve_usmle_dir
+
+    token = f"hf_FAKEtoken{uuid.uuid4().hex}"
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.delenv("MEDTUNE_USMLE_DIR", raising=False)
+    for fetch in (lambda: resolve_usmle_dir(None), lambda: load_medquad("lavita/MedQuAD")):
+        try:
+            fetch()
+        except Exception as error:  # offline: each fails, how does not matter here
+            assert token not in f"{error!r} {error.__cause__!r}"
+        else:
+            raise AssertionError("fetched from the Hub although offline")
+    proc = subprocess.run(
+        [str(BIN / "medtune"), "data", "stats", "medquad:lavita/MedQuAD"],
+        cwd=REPO_ROOT, env={**os.environ, "HF_TOKEN": token}, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0 and token not in proc.stdout + proc.stderr
