@@ -24,7 +24,7 @@ import re
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -52,14 +52,10 @@ class ConfigCheckError(ValueError):
         super().__init__("\n".join(prefix + problem for problem in self.problems))
 
 
-def _closest(name: str, choices: Iterator[str]) -> Optional[str]:
-    found = difflib.get_close_matches(name, sorted(set(choices)), n=1, cutoff=0.6)
-    return found[0] if found else None
-
-
-def _hint(name: str, choices) -> str:
-    close = _closest(name, choices)
-    return f" (did you mean {close!r}?)" if close else ""
+def _hint(name: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` to ``name``, or nothing."""
+    close = difflib.get_close_matches(name, sorted(set(choices)), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 # ---------------------------------------------------------------------------- keys a recipe reads
@@ -156,7 +152,7 @@ def resolve_component(path: str) -> Tuple[Any, Optional[str]]:
     parts = path.split(".") if isinstance(path, str) else []
     if not parts or not all(p.isidentifier() for p in parts):
         return None, f"{path!r} is not a dotted Python path"
-    obj, found = None, 0
+    obj = None
     for found in range(len(parts), 0, -1):  # the longest prefix that is a module
         name = ".".join(parts[:found])
         try:
@@ -167,8 +163,6 @@ def resolve_component(path: str) -> Tuple[Any, Optional[str]]:
                 return None, f"importing {name!r} fails: {error}"  # a module whose own import fails
         except ImportError as error:
             return None, f"importing {name!r} fails: {error}"
-    else:
-        found = 0
     if obj is None:
         choices = [m.name for m in pkgutil.iter_modules()]
         return None, f"{path!r} does not exist: no module {parts[0]!r}{_hint(parts[0], choices)}"
