@@ -41,11 +41,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-SHARED = REPO.parent / "shared" / "data"
+SHARED = Path(os.environ.get("MEDTUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
 SMALL = SHARED / "medical_meadow_small.json"
 GIB = 2**30
 EVAL_SETS = {"usmle": str(SHARED / "usmle"), "medquad_test": str(SHARED / "knowtuning_medquad" / "medquad_test.json")}
 PLANTED_PER_SET = 5
+READ_ITEMS = 50_000
+T_START = time.time()
 
 
 # --- the synthetic mix ---------------------------------------------------------------------
@@ -96,8 +98,12 @@ def generate(out: Path, scale: float = 1.0, seed: int = 0) -> dict:
 
 # --- one measured run (in its own process) -------------------------------------------------
 
-def _tree_rss(root: int) -> tuple:
-    """(RSS, RssAnon) in bytes summed over ``root`` and its descendants."""
+def _tree_memory(root: int) -> tuple:
+    """(PSS, anonymous PSS) in bytes, summed over ``root`` and its descendants.
+
+    PSS (proportional set size, /proc/PID/smaps_rollup) splits pages shared between processes
+    (the forked workers share the parent's pages) among them, so the sum is the tree's real
+    footprint; RSS would count shared pages once per process."""
     children = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -105,20 +111,20 @@ def _tree_rss(root: int) -> tuple:
             children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
         except (OSError, IndexError, ValueError):
             continue
-    rss = anon = 0
+    pss = anon = 0
     todo = [root]
     while todo:
         pid = todo.pop()
         todo += children.get(pid, [])
         try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    rss += int(line.split()[1]) * 1024
-                elif line.startswith("RssAnon:"):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
+                elif line.startswith("Pss_Anon:"):
                     anon += int(line.split()[1]) * 1024
         except OSError:
             continue
-    return rss, anon
+    return pss, anon
 
 
 def _status(field: str) -> int:
@@ -134,7 +140,7 @@ def measure(mode: str, data_dir: str, num_proc) -> dict:
 
     def sample():
         while not stop.is_set():
-            rss, anon = _tree_rss(os.getpid())
+            rss, anon = _tree_memory(os.getpid())
             peak["rss"], peak["anon"] = max(peak["rss"], rss), max(peak["anon"], anon)
             stop.wait(0.05)
 
@@ -153,27 +159,34 @@ def measure(mode: str, data_dir: str, num_proc) -> dict:
         cache=(mode != "uncached"), num_proc=num_proc,
     )
     t_build = time.time() - t1
+    # read items as a shuffled sampler would: READ_ITEMS random indices
+    indices = random.Random(0).sample(range(len(ds)), min(READ_ITEMS, len(ds)))
     t2 = time.time()
     n_tokens = 0
-    for i in range(len(ds)):
+    for i in indices:
         n_tokens += len(ds[i]["tokens"])
     t_read = time.time() - t2
     stop.set()
+    import resource
+
+    children_maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     report = ds.report
     return {
         "mode": mode,
         "rows_in": report["rows"],
         "rows_out": len(ds),
         "build_s": round(t_build, 2),
-        "read_all_s": round(t_read, 2),
-        "total_s": round(t_build + t_read, 2),
         "import_s": round(t_import, 2),
+        "process_s": round(time.time() - T_START, 2),
         "rows_per_s_build": round(report["rows"] / t_build),
-        "rows_per_s_total": round(report["rows"] / (t_build + t_read)),
-        "tokens_per_row": round(n_tokens / max(1, len(ds)), 1),
-        "peak_tree_rss_gib": round(peak["rss"] / GIB, 3),
-        "peak_tree_anon_gib": round(peak["anon"] / GIB, 3),
+        "read_items": len(indices),
+        "items_per_s_read": round(len(indices) / t_read),
+        "tokens_per_item": round(n_tokens / max(1, len(indices)), 1),
+        "peak_tree_pss_gib": round(peak["rss"] / GIB, 3),
+        "peak_tree_pss_anon_gib": round(peak["anon"] / GIB, 3),
         "parent_vmhwm_gib": round(_status("VmHWM") / GIB, 3),
+        "largest_worker_maxrss_gib": round(children_maxrss / GIB, 3),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
         "cache_hit": report.get("cache", {}).get("hit"),
         "cache_dir": report.get("cache", {}).get("dir"),
         "cache_gib": round(report.get("cache", {}).get("bytes", 0) / GIB, 3),
@@ -228,11 +241,12 @@ def main() -> None:
         if args.out:
             with open(args.out, "a") as f:
                 f.write(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **result}) + "\n")
-    print("\n| run | rows in | rows out | build s | read-all s | rows/s (build) | peak tree RSS GiB | peak anon GiB |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| run | rows in | rows out | build s | rows/s (build) | process s | items/s read | peak PSS GiB | peak anon GiB | load |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
-        print(f"| {r['mode']} | {r['rows_in']:,} | {r['rows_out']:,} | {r['build_s']} | {r['read_all_s']} | "
-              f"{r['rows_per_s_build']:,} | {r['peak_tree_rss_gib']} | {r['peak_tree_anon_gib']} |")
+        print(f"| {r['mode']} | {r['rows_in']:,} | {r['rows_out']:,} | {r['build_s']} | {r['rows_per_s_build']:,} | "
+              f"{r['process_s']} | {r['items_per_s_read']:,} | {r['peak_tree_pss_gib']} | "
+              f"{r['peak_tree_pss_anon_gib']} | {r['load_avg_1m']} |")
 
 
 if __name__ == "__main__":

@@ -19,9 +19,12 @@ builds (same rows, same order, same tokens and labels) without holding the mix i
    applies per item. Every record that is not kept gets a reason: ``contaminated``, ``empty``
    (no output text; only with ``skip_empty``) or ``too_long`` (more than ``max_seq_len``
    tokens; only with ``long_records="skip"``, otherwise truncated and counted, as the study did).
-4. **Write** the kept rows (text, ``tokens``, ``labels``) with ``save_to_disk`` and a
-   ``report.json`` into a temporary folder, then rename it to its key: a build killed at any
-   point leaves no folder that looks complete (stale temporary folders are removed later).
+4. **Write.** That map writes the kept rows (text, ``tokens``, ``mask``, ``truncated``)
+   straight into the cache's Arrow files (one per worker, listed in ``dataset/files.json``);
+   the records it drops are logged per worker and counted into the report. Everything is built
+   in a temporary folder, ``report.json`` is written last, and the folder is then renamed to
+   its key: a build killed at any point leaves no folder that looks complete (temporary
+   folders of dead builds are removed by the next build).
 
 The key is a SHA-256 of every input: each set file's path, size and modification time (or a Hub
 set's ``datasets`` fingerprint), the evaluation files' likewise, the tokenizer (its vocabulary
@@ -48,6 +51,8 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.data._utils import truncate
 from torchtune.data._messages import validate_messages
@@ -58,6 +63,7 @@ from torchtune.utils import get_logger
 from components.data.decontaminate import Decontaminator
 from components.data.errors import DataError
 from components.data.instruct import (
+    HOLDOUT_PARTS,
     InstructDataset,
     _slice,
     check_instruction_record,
@@ -65,7 +71,7 @@ from components.data.instruct import (
     holdout_split,
     summary,
 )
-from components.data.json_records import read_json_records
+from components.data.json_records import DECODER, has_lone_surrogate, read_json_records
 from components.data.templates import (
     FIELDS,
     InstructToMessages,
@@ -79,12 +85,16 @@ log = get_logger("INFO")
 #: Bump when the pipeline's output changes in a way the code hash would not catch.
 PIPELINE_VERSION = "1"
 #: Modules whose source is part of every key: a change to any of them rebuilds.
-CODE_MODULES = ("pipeline.py", "instruct.py", "templates.py", "decontaminate.py", "mixture.py", "json_records.py")
+#: (json_records.py is not among them: valid files are read by this module's streaming reader,
+#: and the whole-file reader is only asked to name what is wrong with a malformed one.)
+CODE_MODULES = ("pipeline.py", "instruct.py", "templates.py", "decontaminate.py", "mixture.py")
 LONG_RECORDS = ("truncate", "skip")
 SKIP_REASONS = ("contaminated", "empty", "too_long")
 TEXT_FEATURES = datasets.Features({f: datasets.Value("string") for f in FIELDS})
-TOKEN_COLUMNS = ("tokens", "labels")
+TOKEN_COLUMNS = ("tokens", "mask")
 WRITE_BATCH = 10_000
+FILES_LIST = "files.json"
+MAX_EXAMPLES = 3
 #: Below this many rows the map runs in the calling process (workers cost more than they save).
 PARALLEL_MIN_ROWS = 50_000
 
@@ -168,7 +178,6 @@ class _CannotStream(Exception):
 
 
 _WS = re.compile(r"[ \t\n\r]*")
-_DECODER = json.JSONDecoder()
 
 
 def _iter_json_array(path: Path, chunk: int = 1 << 23) -> Iterator[Any]:
@@ -205,12 +214,14 @@ def _iter_json_array(path: Path, chunk: int = 1 << 23) -> Iterator[Any]:
             return
         while True:
             try:
-                item, end = _DECODER.raw_decode(buf, pos)
+                item, end = DECODER.raw_decode(buf, pos)
             except json.JSONDecodeError:
                 if eof:
                     raise _CannotStream from None
                 more()
                 continue
+            except ValueError:  # a repeated key
+                raise _CannotStream from None
             if not isinstance(item, dict) or (end == len(buf) and not eof):
                 # a non-object element, or a value that may go on past this read
                 if isinstance(item, dict):
@@ -243,8 +254,8 @@ def _iter_json_lines(path: Path) -> Iterator[Any]:
             if not line.strip():
                 continue
             try:
-                item = json.loads(line)
-            except json.JSONDecodeError:
+                item = DECODER.decode(line)
+            except ValueError:  # not JSON, or a repeated key
                 raise _CannotStream from None
             if not isinstance(item, dict):
                 raise _CannotStream
@@ -252,7 +263,9 @@ def _iter_json_lines(path: Path) -> Iterator[Any]:
 
 
 def iter_instruction_file(path: Union[str, Path]) -> Iterator[Dict[str, str]]:
-    """Checked ``{instruction, input, output}`` records of one local JSON/JSONL file, streamed.
+    """Checked ``{instruction, input, output}`` records of one local JSON/JSONL file, streamed,
+    decoded as :mod:`components.data.json_records` decodes them (its ``DECODER``: a repeated key
+    is refused; a lone surrogate is refused).
 
     Raises:
         _CannotStream: the file is not plainly a JSON array or JSON Lines of objects (the caller
@@ -264,6 +277,8 @@ def iter_instruction_file(path: Union[str, Path]) -> Iterator[Dict[str, str]]:
         head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
     records = _iter_json_array(path) if head.startswith(b"[") else _iter_json_lines(path)
     for index, record in enumerate(records):
+        if has_lone_surrogate(record):
+            raise _CannotStream
         yield check_instruction_record(record, index, path)
 
 
@@ -337,12 +352,16 @@ def fast_tokenizer(tokenizer: ModelTokenizer) -> ModelTokenizer:
 
 
 class RecordProcessor:
-    """Decontaminate, template and tokenize a batch of records (a ``datasets.map`` function).
+    """Decontaminate, template and tokenize a batch of records (a batched ``datasets.map``
+    function, ``with_indices=True``, that drops the records it does not keep).
 
-    Output columns: ``tokens`` and ``labels`` (int32; labels are ``-100`` where masked, exactly
-    what ``SFTTransform`` makes), ``skip`` (``""`` for a kept record, else a reason of
-    :data:`SKIP_REASONS`), ``detail`` (for contamination: evaluation set, item and overlap, as
-    JSON), and ``truncated`` (the record was longer than ``max_seq_len`` tokens).
+    Kept records come back with their text and ``tokens``, ``mask`` (True where the loss
+    ignores the token: labels are ``-100`` there and the token elsewhere, as ``SFTTransform``
+    makes them) and ``truncated`` (longer than ``max_seq_len`` tokens,
+    cut as the study did). Each record not kept is appended to ``<skip_dir>/<pid>.jsonl`` as
+    ``[position, reason, detail]`` (reasons: :data:`SKIP_REASONS`; for contamination the detail
+    is ``[eval set, eval item, overlap]``), so the build can count and report it, whichever
+    worker process saw it.
     """
 
     def __init__(
@@ -355,6 +374,7 @@ class RecordProcessor:
         decontaminator: Optional[Decontaminator],
         skip_empty: bool,
         long_records: str,
+        skip_dir: Optional[Union[str, Path]] = None,
     ):
         tokenizer = fast_tokenizer(tokenizer)
         self.max_seq_len = getattr(tokenizer, "max_seq_len", None)
@@ -378,27 +398,38 @@ class RecordProcessor:
         self.decontaminator = decontaminator
         self.skip_empty = skip_empty
         self.long_records = long_records
+        self.skip_dir = None if skip_dir is None else str(skip_dir)
 
-    def __call__(self, batch: Dict[str, List[Any]]) -> Dict[str, List[Any]]:
-        out: Dict[str, List[Any]] = {"tokens": [], "labels": [], "skip": [], "detail": [], "truncated": []}
+    def __call__(self, batch: Dict[str, List[Any]], indices: List[int]) -> Dict[str, List[Any]]:
         fields = [f for f in FIELDS if f in batch]
-        for values in zip(*(batch[f] for f in fields)):
+        out: Dict[str, List[Any]] = {f: [] for f in fields}
+        out.update(tokens=[], mask=[], truncated=[])
+        skipped = []
+        for position, values in zip(indices, zip(*(batch[f] for f in fields))):
             record = dict(zip(fields, values))
-            reason, detail, tokens, labels, truncated = self.process(record)
+            reason, detail, tokens, mask, truncated = self.process(record)
+            if reason:
+                skipped.append([position, reason, detail])
+                continue
+            for f, value in zip(fields, values):
+                out[f].append(value)
             out["tokens"].append(tokens)
-            out["labels"].append(labels)
-            out["skip"].append(reason)
-            out["detail"].append(detail)
+            out["mask"].append(mask)
             out["truncated"].append(truncated)
+        if skipped:
+            if self.skip_dir is None:
+                raise RuntimeError("records to skip but no skip_dir to record them in")
+            with open(os.path.join(self.skip_dir, f"{os.getpid()}.jsonl"), "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(row) + "\n" for row in skipped))
         return out
 
-    def process(self, record: Dict[str, Any]) -> Tuple[str, str, List[int], List[int], bool]:
+    def process(self, record: Dict[str, Any]) -> Tuple[str, Any, List[int], List[int], bool]:
         STATS["rows_processed"] += 1
         if self.decontaminator is not None:
             hit = self.decontaminator.match(record)
             if hit is not None:
                 name, item, overlap = hit
-                return "contaminated", json.dumps([name, item, overlap]), [], [], False
+                return "contaminated", [name, item, overlap], [], [], False
         if self.skip_empty and not (record.get("output") or "").strip():
             return "empty", "", [], [], False
         if self.plain and self.unlimited is not None:
@@ -413,25 +444,25 @@ class RecordProcessor:
                 # PlainTextTokenizer.tokenize_messages(add_end_tokens=True) with max_seq_len
                 tokens = truncate(tokens, self.max_seq_len, self.eos_id)
                 mask = truncate(mask, self.max_seq_len, False)
-            labels = np.where(mask, CROSS_ENTROPY_IGNORE_IDX, tokens).tolist()
-            return "", "", tokens, labels, truncated
+            return "", "", tokens, [bool(m) for m in mask], truncated
         sample = self.transform(record)
         tokens = sample["tokens"]
-        labels = np.asarray(sample["labels"], dtype=np.int64).tolist()
+        mask = [bool(m) for m in sample["mask"]]
         truncated = False
         if self.unlimited is not None and len(tokens) >= self.max_seq_len:
             full = len(self.unlimited(record)["tokens"])
             truncated = full > self.max_seq_len
             if truncated and self.long_records == "skip":
                 return "too_long", str(full), [], [], True
-        return "", "", tokens, labels, truncated
+        return "", "", tokens, mask, truncated
 
 
 # --- the dataset over a cache -----------------------------------------------------------------
 
 class CachedInstructDataset(InstructDataset):
     """An ``SFTDataset`` whose items are read from memory-mapped Arrow files: ``__getitem__``
-    returns the cached ``tokens``, ``mask`` and ``labels`` (what the lazy path computes per item).
+    returns the cached ``tokens`` and ``mask``, and ``labels`` made from them as ``SFTTransform``
+    makes them (``-100`` where masked): what the lazy path computes per item.
     ``_data`` keeps the text columns too, for inspection; ``report`` tells what was built."""
 
     def __init__(self, data: datasets.Dataset, *, report: Dict[str, Any], cache_dir: Optional[Path] = None):
@@ -442,11 +473,11 @@ class CachedInstructDataset(InstructDataset):
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         row = self._token_data[index]
-        labels = row["labels"]
+        tokens, mask = row["tokens"], row["mask"]
         return {
-            "tokens": row["tokens"],
-            "mask": [label == CROSS_ENTROPY_IGNORE_IDX for label in labels],
-            "labels": labels,
+            "tokens": tokens,
+            "mask": mask,
+            "labels": [CROSS_ENTROPY_IGNORE_IDX if m else t for t, m in zip(tokens, mask)],
         }
 
 
@@ -482,13 +513,20 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def open_dataset(folder: Path) -> datasets.Dataset:
+    """The Arrow files listed in ``folder/files.json``, memory-mapped, in order."""
+    names = json.loads((folder / FILES_LIST).read_text())
+    parts = [datasets.Dataset.from_file(str(folder / name)) for name in names]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
 def load_cache(folder: Path) -> Optional[CachedInstructDataset]:
     """The dataset in a complete cache folder, or None when there is none."""
     report_file = folder / "report.json"
     if not report_file.is_file():
         return None
     report = json.loads(report_file.read_text())
-    data = datasets.load_from_disk(str(folder / "dataset"), keep_in_memory=False)
+    data = open_dataset(folder / "dataset")
     report["cache"] = {"hit": True, "dir": str(folder), "key": report["cache"]["key"], "bytes": report["cache"]["bytes"]}
     return CachedInstructDataset(data, report=report, cache_dir=folder)
 
@@ -543,7 +581,10 @@ def cached_mixture(
     if long_records not in LONG_RECORDS:
         raise ValueError(f"long_records must be one of {LONG_RECORDS}, got {long_records!r}")
     if holdout_fraction is not None:
-        holdout_split(datasets.Dataset.from_dict({"i": [0, 1]}), holdout_fraction, holdout_seed, holdout)  # checks the arguments
+        if holdout not in HOLDOUT_PARTS:
+            raise ValueError(f"holdout must be one of {HOLDOUT_PARTS}, got {holdout!r}")
+        if not 0 < holdout_fraction < 1:
+            raise ValueError(f"holdout_fraction must be between 0 and 1, got {holdout_fraction}")
     started = time.time()
     inputs = {}
     for name, _ in sets:
@@ -671,68 +712,72 @@ def _build(
             "validation": len(data) if holdout == "validation" else size - len(data),
         }
     checker = Decontaminator(decontaminate, ngram=decontaminate_ngram) if decontaminate else None
+    skip_dir = tmp / "skipped"
+    skip_dir.mkdir()
+    out_dir = tmp / "dataset"
+    out_dir.mkdir()
     processor = RecordProcessor(
         tokenizer, template=template, train_on_input=train_on_input, system_prompt=system_prompt,
-        decontaminator=checker, skip_empty=skip_empty, long_records=long_records,
+        decontaminator=checker, skip_empty=skip_empty, long_records=long_records, skip_dir=skip_dir,
     )
     procs = num_proc or _default_num_proc(len(data))
     features = datasets.Features({
-        **{c: data.features[c] for c in data.column_names},
+        **TEXT_FEATURES,
         "tokens": datasets.Sequence(datasets.Value("int32")),
-        "labels": datasets.Sequence(datasets.Value("int32")),
-        "skip": datasets.Value("string"),
-        "detail": datasets.Value("string"),
+        "mask": datasets.Sequence(datasets.Value("bool")),
         "truncated": datasets.Value("bool"),
     })
-    processed = data.map(
+    final = data.map(
         processor,
         batched=True,
         batch_size=1_000,
+        with_indices=True,
+        remove_columns=data.column_names,
         num_proc=procs if procs > 1 else None,
         features=features,
         new_fingerprint=f"medtune-process-{tmp.name}",
-        cache_file_name=str(tmp / "processed.arrow"),
-        desc="template, tokenize, decontaminate",
+        cache_file_name=str(out_dir / "data.arrow"),
+        desc="decontaminate, template, tokenize",
     )
-    # count what is not kept, reading only the small columns
+    files = [Path(f["filename"]) for f in final.cache_files]
+    if any(f.parent != out_dir for f in files):
+        raise RuntimeError(f"datasets wrote the processed rows outside the build folder: {files}")
+    (out_dir / FILES_LIST).write_text(json.dumps([f.name for f in files]))
+    # what was not kept, from every worker's record of it
+    skipped_rows: Dict[int, Tuple[str, Any]] = {}
+    for log_file in sorted(skip_dir.glob("*.jsonl")):
+        for line in log_file.read_text(encoding="utf-8").splitlines():
+            position, reason, detail = json.loads(line)
+            skipped_rows[position] = (reason, detail)
     skipped = {reason: 0 for reason in SKIP_REASONS}
     removed_per_set = {name: 0 for name in (decontaminate or {})}
     examples: Dict[str, List[Dict[str, Any]]] = {name: [] for name in (decontaminate or {})}
-    truncated, index = 0, 0
-    for batch in processed.select_columns(["skip", "detail", "truncated"]).iter(batch_size=50_000):
-        for reason, detail, was_truncated in zip(batch["skip"], batch["detail"], batch["truncated"]):
-            truncated += bool(was_truncated)
-            if reason:
-                skipped[reason] += 1
-                if reason == "contaminated":
-                    name, item, overlap = json.loads(detail)
-                    removed_per_set[name] += 1
-                    if len(examples[name]) < 3:
-                        examples[name].append({"index": index, "eval_item": item, "overlap": overlap})
-            index += 1
+    for position in sorted(skipped_rows):
+        reason, detail = skipped_rows[position]
+        skipped[reason] += 1
+        if reason == "contaminated":
+            name, item, overlap = detail
+            removed_per_set[name] += 1
+            if len(examples[name]) < MAX_EXAMPLES:
+                examples[name].append({"index": position, "eval_item": item, "overlap": overlap})
+    if len(final) + len(skipped_rows) != len(data):
+        raise RuntimeError(f"{len(data)} records in, {len(final)} kept and {len(skipped_rows)} skipped")
     if checker is not None:
         report["decontamination"] = {
             "ngram": checker.ngram,
             "eval_sets": checker.sets,
-            "checked": len(processed),
+            "checked": len(data),
             "removed": skipped["contaminated"],
             "removed_per_set": removed_per_set,
             "examples": examples,
         }
     report["skipped"] = skipped
-    report["truncated"] = truncated
+    report["truncated"] = int(pa.compute.sum(final.data.column("truncated")).as_py() or 0)
     report["long_records"] = long_records
     report["max_seq_len"] = getattr(tokenizer, "max_seq_len", None)
     report["template"] = template
     report["train_on_input"] = train_on_input
-    if any(skipped.values()):
-        processed = processed.filter(
-            lambda reasons: [not r for r in reasons], batched=True, batch_size=10_000, input_columns="skip",
-            cache_file_name=str(tmp / "kept-indices.arrow"), new_fingerprint=f"medtune-kept-{tmp.name}",
-        )
-    final = processed.remove_columns(["skip", "detail", "truncated"])
     report["final"] = len(final)
-    final.save_to_disk(str(tmp / "dataset"))
     shutil.rmtree(tmp / "raw", ignore_errors=True)
     for f in tmp.glob("*.arrow"):
         f.unlink()
