@@ -28,6 +28,7 @@ from components.data.decontaminate import read_eval_set
 from components.data.errors import DataError
 from components.data.instruct import load_instruction_rows
 from components.data.json_records import read_json, read_json_records
+from components.data.mixture import medical_meadow_mixture
 from components.data.medquad import _from_hub_rows, load_medquad, parse_medquad_file, read_medquad_xml
 from components.data.usmle import read_usmle
 from components.evaluation.medquad import read_medquad_test
@@ -41,7 +42,7 @@ SETTINGS = settings(
 )
 #: What an error message must contain to say where in the file the problem is.
 LOCATOR = re.compile(r"record \S+|line \d+|offset \d+|qid \S+|QAPair \S+|key \S+")
-HUGE = "x" * 300_000
+HUGE = "x" * 70_000  # past 16-bit length fields
 
 # ---------------------------------------------------------------------------- strategies
 
@@ -271,6 +272,20 @@ def test_medical_meadow_json_files(file):
         if check_json_outcome(file, path, error, bad_records(file["records"], meadow_malformed)):
             expected = [{"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]} for r in file["records"]]
             assert result.to_list() == expected
+
+
+@settings(SETTINGS, max_examples=25)
+@given(file=json_files(INSTRUCTION_RECORDS, layouts=("array", "jsonl")))
+def test_medical_meadow_mixture_cached_build(file, tokenizer):
+    """The builder the configs use, ``medical_meadow_mixture(data_dir=...)``, streams its set
+    files into the Arrow cache (:mod:`components.data.pipeline`): the same outcome as the
+    whole-file reader, every record taken or the malformed one named."""
+    with written(file["data"], "wikidoc.jsonl") as path:
+        result, error = load_or_error(
+            lambda: medical_meadow_mixture(tokenizer, sets=["wikidoc"], data_dir=str(path.parent), cache_dir=str(path.parent / "cache"))
+        )
+        if check_json_outcome(file, path, error, bad_records(file["records"], meadow_malformed)):
+            assert result.report["sets"]["wikidoc"]["taken"] == len(result) == len(file["records"])
 
 
 @SETTINGS
