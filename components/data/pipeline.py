@@ -44,6 +44,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -493,17 +494,24 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:40]
+
+
 def remove_stale_builds(root: Path) -> List[Path]:
-    """Remove temporary build folders whose process is gone (killed builds); return them."""
+    """Remove temporary build folders (``.tmp-<key>-<pid>-<random>-<host>``) of this host whose
+    process is gone (killed builds); return them. Other hosts' folders (a shared cache
+    filesystem) are left alone."""
     removed = []
     if not root.is_dir():
         return removed
     for tmp in root.glob(".tmp-*"):
+        parts = tmp.name.split("-", 4)
         try:
-            pid = int(tmp.name.split("-")[2])
+            pid, host = int(parts[2]), parts[4]
         except (IndexError, ValueError):
             continue
-        if not _pid_alive(pid):
+        if host == _host() and not _pid_alive(pid):
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)
     return removed
@@ -624,7 +632,7 @@ def cached_mixture(
         return cached
     root.mkdir(parents=True, exist_ok=True)
     remove_stale_builds(root)
-    tmp = root / f".tmp-{key[:12]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = root / f".tmp-{key[:12]}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{_host()}"
     tmp.mkdir()
     try:
         data = _build(
@@ -735,7 +743,7 @@ def _build(
         remove_columns=data.column_names,
         num_proc=procs if procs > 1 else None,
         features=features,
-        new_fingerprint=f"medtune-process-{tmp.name}",
+        new_fingerprint="medtune-process-" + hashlib.sha256(tmp.name.encode()).hexdigest()[:32],
         cache_file_name=str(out_dir / "data.arrow"),
         desc="decontaminate, template, tokenize",
     )
