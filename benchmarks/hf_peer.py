@@ -227,7 +227,7 @@ def bench(a) -> None:
     work = Path(tempfile.mkdtemp(prefix="peer_bench_"))
     out = open(a.out, "a") if a.out else None
     results = []
-    for rep in range(a.repeats):
+    for rep in range(a.first_repeat, a.first_repeat + a.repeats):
         for method in a.methods:
             sides = ["peer", "ours"] if rep % 2 == 0 else ["ours", "peer"]
             for side in sides:
@@ -305,6 +305,7 @@ def main() -> None:
     b = sub.add_parser("bench")
     b.add_argument("--methods", nargs="+", default=["full", "lora", "qlora", "galore"])
     b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--first-repeat", type=int, default=0, help="number of the first repeat (to add repeats to a file)")
     b.add_argument("--steps", type=int, default=11, help="optimizer steps (the sample's 285 rows hold 11 of 24)")
     b.add_argument("--peer-padding", choices=["longest", "max_length"], default="longest")
     b.add_argument("--out", default=None, help="append one JSON line per run")
@@ -319,10 +320,12 @@ def main() -> None:
     if a.cmd == "summarize":
         rows = [json.loads(line) for line in open(a.jsonl) if line.strip()]
         summarize(rows, list(dict.fromkeys(r["method"] for r in rows)))
-        ours = {m: sc.median([r["tps_steady"] for r in rows if r["method"] == m and r["side"] == "ours" and "tps_steady" in r])
-                for m in ("lora", "qlora")}
-        if all(v == v for v in ours.values()):
-            print(f"\nours: LoRA / QLoRA tokens/s (medians) = {ours['lora'] / ours['qlora']:.2f}")
+        for side in ("ours", "peer"):
+            by = {(r["method"], r["repeat"]): r["tps_steady"] for r in rows if r["side"] == side and "tps_steady" in r}
+            q = [by[("lora", k)] / by[("qlora", k)] for (m, k) in by if m == "lora" and ("qlora", k) in by]
+            if q:
+                print(f"{side}: QLoRA step time / LoRA step time (LoRA tok/s / QLoRA tok/s, same repeat) = "
+                      f"{sc.median(q):.2f} ({', '.join(f'{x:.2f}' for x in q)})")
         return
     if a.cmd == "peer":
         run_peer(a.method, a.steps, a.padding, a.json)

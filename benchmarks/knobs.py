@@ -47,6 +47,8 @@ COMBOS = {
     "full: AC off + plain CE": ("full", ["enable_activation_checkpointing=False",
                                          "loss._component_=torch.nn.CrossEntropyLoss"], False),
     "full: AC off + packed": ("full", ["enable_activation_checkpointing=False", "dataset.packed=True"], True),
+    "full: AC off + packed + compile": ("full", ["enable_activation_checkpointing=False", "dataset.packed=True",
+                                                 "compile=True"], True),
 }
 
 
