@@ -26,7 +26,6 @@ the "all steps" rate. The whole process's wall time and peak RSS are recorded to
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time

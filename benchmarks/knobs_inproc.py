@@ -94,7 +94,7 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(s["model"].parameters(), 1.0)
         s["opt"].step()
         s["opt"].zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     names = list(VARIANTS)
     n = min(a.steps, len(real_packed), len(real_unpacked))
