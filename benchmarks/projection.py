@@ -160,7 +160,7 @@ def main() -> None:
     steps_unpacked = STUDY_STEPS
     steps_packed = -(-e["packs"] // (BATCH * ACCUM))
     ctx = e["attn_ctx"]
-    print(f"\nStudy calibration (its GPU is not recorded; if it was one H100): implied hardware FLOP "
+    print("\nStudy calibration (its GPU is not recorded; if it was one H100): implied hardware FLOP "
           "utilisation of its full SFT run (27,692 s, activation checkpointing on):")
     for k in ("max_length", "longest8"):
         per_tok = 8 * N + 12 * LAYERS * ctx * D * 4 / 3
