@@ -62,7 +62,7 @@ def test_the_shipped_study_files_load_and_dry_run(tmp_path):
                 assert (REPO_ROOT / run.config).is_file(), f"{path.name}: {run.name}: {run.config}"
     proc = run_cli("medtune", ["study", "configs/studies/quickstart.yaml", "--dry-run", "--output-dir", str(tmp_path)])
     lines = proc.stdout.strip().splitlines()
-    assert lines[0] == f"tune run full_finetune_single_device --config configs/tiny/full_sft.yaml output_dir={tmp_path}/runs/full_sft"
+    assert lines[0] == f"tune run recipes/full_finetune_single_device.py --config configs/tiny/full_sft.yaml output_dir={tmp_path}/runs/full_sft"
     # stage 2 of KnowTuning starts from stage 1's folder
     assert any(f"stage1_dir={tmp_path}/runs/knowtuning_ka" in line for line in lines)
     assert not (tmp_path / "runs").exists(), "a dry run must not run anything"
