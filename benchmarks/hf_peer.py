@@ -255,7 +255,7 @@ def bench(a) -> None:
                         rec["error"] = sc.tail(log, 15)
                     else:
                         rec["step_times"] = sc.ours_step_times(str(od), counts)
-                        rec["losses"] = {k: v.get("loss") for k, v in sc.read_disk_log(str(od)).items()}
+                        rec["losses"] = {k: v.get("loss") for k, v in sc.step_metrics(sc.latest_log(Path(od))).items()}
                 if "step_times" in rec:
                     if len(rec["step_times"]) != a.steps:
                         rec["error"] = f"{len(rec['step_times'])} steps, expected {a.steps}"

@@ -97,7 +97,7 @@ def main() -> None:
                     rec["tps"] = sum(real[a.skip:]) / sum(times[a.skip:])
                     rec["tps_all"] = sum(real) / sum(times)
                     rec["step_times"] = times
-                    lg = sc.read_disk_log(str(od))
+                    lg = sc.step_metrics(sc.latest_log(Path(od)))
                     rec["loss_first"] = lg[1].get("loss")
                     rec["loss_last"] = lg[a.steps].get("loss")
                 except Exception as e:  # noqa: BLE001

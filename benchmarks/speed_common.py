@@ -9,12 +9,13 @@ sequence), so a step's wall time is recovered as label_tokens / tokens_per_secon
 """
 
 import os
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
+
+from components.metric_logs import latest_log, step_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_SEQ_LEN = 256
@@ -113,33 +114,9 @@ def ours_command(method: str, output_dir: str, overrides: Sequence[str] = ()) ->
     return [tune, "run", recipe, "--config", config, f"output_dir={output_dir}", *overrides]
 
 
-_STEP = re.compile(r"^Step (\d+) \| (.*)$")
-
-
-def read_disk_log(output_dir: str) -> Dict[int, Dict[str, float]]:
-    """Step -> {metric: value} from the newest DiskLogger file of a run."""
-    logs = sorted(Path(output_dir, "logs").glob("log_*.txt"), key=lambda p: p.stat().st_mtime)
-    if not logs:
-        raise FileNotFoundError(f"no metric log under {output_dir}/logs")
-    steps: Dict[int, Dict[str, float]] = {}
-    for line in logs[-1].read_text().splitlines():
-        m = _STEP.match(line.strip())
-        if not m:
-            continue
-        rec = steps.setdefault(int(m.group(1)), {})
-        for item in m.group(2).split():
-            if ":" in item:
-                k, v = item.split(":", 1)
-                try:
-                    rec[k] = float(v)
-                except ValueError:
-                    pass
-    return steps
-
-
 def ours_step_times(output_dir: str, counts: Sequence[Dict[str, int]]) -> List[float]:
     """Wall time of each optimizer step of our run: its label tokens / its logged rate."""
-    log = read_disk_log(output_dir)
+    log = step_metrics(latest_log(Path(output_dir)))
     times = []
     for k, c in enumerate(counts, start=1):
         if k not in log or "tokens_per_second_per_gpu" not in log[k]:
