@@ -278,6 +278,8 @@ def test_streaming_reader_matches_the_whole_file_reader(tmp_path, suffix, shared
         "42",
         '[{"instruction": "i", "input": "", "output": "o", "output": "p"}]',
         '[{"instruction": "i", "input": "\\ud800", "output": "o"}]',
+        '[{"instruction": "i", "input": "", "output": "o", "x": ' + "[" * 100_000 + "]" * 100_000 + "}]",
+        '{"instruction": "i", "input": "", "output": "o", "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
     ],
 )
 def test_malformed_files_fail_as_in_the_uncached_path(tmp_path, tok256, content):

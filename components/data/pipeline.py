@@ -221,7 +221,7 @@ def _iter_json_array(path: Path, chunk: int = 1 << 23) -> Iterator[Any]:
                     raise _CannotStream from None
                 more()
                 continue
-            except ValueError:  # a repeated key
+            except (ValueError, RecursionError):  # a repeated key, or nested too deeply
                 raise _CannotStream from None
             if not isinstance(item, dict) or (end == len(buf) and not eof):
                 # a non-object element, or a value that may go on past this read
@@ -256,7 +256,7 @@ def _iter_json_lines(path: Path) -> Iterator[Any]:
                 continue
             try:
                 item = DECODER.decode(line)
-            except ValueError:  # not JSON, or a repeated key
+            except (ValueError, RecursionError):  # not JSON, a repeated key, nested too deeply
                 raise _CannotStream from None
             if not isinstance(item, dict):
                 raise _CannotStream
