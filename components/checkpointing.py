@@ -206,3 +206,54 @@ def check_finite_loss(loss: float, step: int, output_dir: PathLike) -> None:
         f"the training loss is {loss} at step {step}; stopping without saving this step: {kept}. "
         "Lower the learning rate or check the data of this step, then resume."
     )
+
+
+# The LoRA recipes' adapter folder, `<output_dir>/adapter/epoch_N/`, apart from the merged weights.
+ADAPTER_DIRNAME = "adapter"
+# Everything torchtune's checkpointers write for an adapter (PEFT files and torchtune's .pt).
+ADAPTER_FILES = (
+    "adapter_model.pt",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "adapter_config.json",
+)
+
+
+def move_adapter_files(src: Path, dst: Path) -> None:
+    """Move the adapter files the checkpointer wrote in ``src`` to ``dst``."""
+    for name in ADAPTER_FILES:
+        if (src / name).is_file():
+            os.replace(src / name, dst / name)
+
+
+def keep_only_adapter_files(folder: Path) -> None:
+    """Drop the config and tokenizer files the checkpointer copies next to an adapter."""
+    for path in folder.iterdir():
+        if path.name in ADAPTER_FILES:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def adapter_folder(checkpoint: Path) -> Path:
+    """Where a resumable folder's adapter is: in ``step_N/`` itself; beside the merged
+    weights of ``epoch_N/``, in ``adapter/epoch_N/``."""
+    if checkpoint.name.startswith("epoch_"):
+        return checkpoint.parent / ADAPTER_DIRNAME / checkpoint.name
+    return checkpoint
+
+
+def copy_weights_merged_in_place(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """Copy the base weights that torchtune's get_merged_lora_ckpt adds LoRA into in place.
+
+    On CPU, `tensor.cpu()` (and an all-gather of a single shard) returns the live parameter
+    itself, so torchtune's in-place merge wrote the LoRA delta into the weights still being
+    trained (in KnowTuning's DPO also the reference model's): every later epoch trained on, and
+    saved, a base holding an earlier delta.
+    """
+    for key in [k for k in state_dict if k.endswith(".lora_a.weight")]:
+        weight_key = key[: -len("lora_a.weight")] + "weight"
+        state_dict[weight_key] = state_dict[weight_key].clone()
+    return state_dict

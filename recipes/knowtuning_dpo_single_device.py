@@ -38,8 +38,6 @@
 # - runs on CPU in fp32 (nothing CUDA-only is reached; documented below).
 
 import inspect
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -72,6 +70,11 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
 from components.checkpointing import (
+    ADAPTER_DIRNAME,
+    adapter_folder,
+    copy_weights_merged_in_place,
+    keep_only_adapter_files,
+    move_adapter_files,
     GLOBAL_STEP_KEY,
     RNG_STATE_KEY,
     check_finite_loss,
@@ -87,54 +90,6 @@ from components.checkpointing import (
 )
 
 log = utils.get_logger("DEBUG")
-
-# medtune: the adapter's own folder, `<output_dir>/adapter/epoch_N/`, apart from the merged weights.
-ADAPTER_DIRNAME = "adapter"
-ADAPTER_FILES = (
-    "adapter_model.pt",
-    "adapter_model.safetensors",
-    "adapter_model.bin",
-    "adapter_config.json",
-)
-
-
-def move_adapter_files(src: Path, dst: Path) -> None:
-    """medtune: move the adapter files the checkpointer wrote in ``src`` to ``dst``."""
-    for name in ADAPTER_FILES:
-        if (src / name).is_file():
-            os.replace(src / name, dst / name)
-
-
-def keep_only_adapter_files(folder: Path) -> None:
-    """medtune: drop the config and tokenizer files the checkpointer copies next to an adapter."""
-    for path in folder.iterdir():
-        if path.name in ADAPTER_FILES:
-            continue
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-
-
-def adapter_folder(checkpoint: Path) -> Path:
-    """medtune: where a resumable folder's adapter is: in ``step_N/`` itself; beside the merged
-    weights of ``epoch_N/``, in ``adapter/epoch_N/``."""
-    if checkpoint.name.startswith("epoch_"):
-        return checkpoint.parent / ADAPTER_DIRNAME / checkpoint.name
-    return checkpoint
-
-
-def copy_weights_merged_in_place(state_dict: Dict[str, Any]) -> Dict[str, Any]:
-    """medtune: copy the base weights that torchtune's get_merged_lora_ckpt adds LoRA into in place.
-
-    On CPU, `tensor.cpu()` returns the live parameter itself, so torchtune's in-place merge wrote
-    the LoRA delta into the weights still being trained, which are also the reference model's.
-    """
-    for key in [k for k in state_dict if k.endswith(".lora_a.weight")]:
-        weight_key = key[: -len("lora_a.weight")] + "weight"
-        state_dict[weight_key] = state_dict[weight_key].clone()
-    return state_dict
-
 
 class KnowTuningDPORecipeSingleDevice(FTRecipeInterface):
     """

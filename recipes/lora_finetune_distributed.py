@@ -37,7 +37,6 @@
 
 import gc
 import math
-import os
 import sys
 import time
 
@@ -78,6 +77,9 @@ from torchtune.training.checkpointing._utils import safe_torch_load
 from tqdm import tqdm
 
 from components.checkpointing import (
+    ADAPTER_DIRNAME,
+    copy_weights_merged_in_place,
+    move_adapter_files,
     check_finite_loss,
     check_positive,
     find_resume_dir,
@@ -93,17 +95,6 @@ from components.checkpointing import (
 )
 
 log = utils.get_logger("DEBUG")
-
-# medtune: the adapter's own folder, `<output_dir>/adapter/epoch_N/`, apart from the merged weights.
-ADAPTER_DIRNAME = "adapter"
-# Everything torchtune's checkpointers write for an adapter (PEFT files and torchtune's .pt).
-ADAPTER_FILES = (
-    "adapter_model.pt",
-    "adapter_model.safetensors",
-    "adapter_model.bin",
-    "adapter_config.json",
-)
-
 
 def _adapter_checkpoint_file(resume_dir: Path, output_dir: Union[str, Path]) -> Path:
     """medtune: the adapter (torchtune keys) of a checkpoint: in step_N/ itself, and for
@@ -154,19 +145,6 @@ def _own_rank_state(
             "the adapter, optimizer and schedule continue, but the random streams start afresh"
         )
     return None
-
-
-def copy_weights_merged_in_place(state_dict: Dict[str, Any]) -> Dict[str, Any]:
-    """medtune: copy the base weights that torchtune's get_merged_lora_ckpt adds LoRA into in place.
-
-    On CPU, `tensor.cpu()` (and an all-gather of a single shard) returns the live parameter
-    itself, so torchtune's in-place merge wrote the LoRA delta into the weights still being
-    trained: every later epoch trained on, and saved, a base holding an earlier delta.
-    """
-    for key in [k for k in state_dict if k.endswith(".lora_a.weight")]:
-        weight_key = key[: -len("lora_a.weight")] + "weight"
-        state_dict[weight_key] = state_dict[weight_key].clone()
-    return state_dict
 
 
 # medtune: the helpers below replace torchtune calls that assume an accelerator.
@@ -959,13 +937,10 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
                 )
                 if epoch_end:
                     # keep epoch_N/ a plain merged HF model; the adapter gets its own folder
-                    def move_adapter(adapter_staging: Path) -> None:
-                        for name in ADAPTER_FILES:
-                            if (staging / name).is_file():
-                                os.replace(staging / name, adapter_staging / name)
-
                     write_atomically(
-                        Path(self._output_dir) / ADAPTER_DIRNAME, folder, move_adapter
+                        Path(self._output_dir) / ADAPTER_DIRNAME,
+                        folder,
+                        lambda adapter_staging: move_adapter_files(staging, adapter_staging),
                     )
                 if recipe_state is not None:
                     save_recipe_state(staging, recipe_state)

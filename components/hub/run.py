@@ -16,13 +16,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
-from components.checkpointing import STAGING_SUFFIX
+from components.checkpointing import ADAPTER_DIRNAME, STAGING_SUFFIX
 from components.hub.checkpoint import ADAPTER_CONFIG, TOKENIZER_CORE, PushError
 from components.study.runner import latest_checkpoint
 from components.study.spec import BASELINE
 
 CHECKPOINT_NAME = re.compile(r"(epoch|step)_(\d+)")
-ADAPTER_DIRNAME = "adapter"  # where medtune's LoRA recipes put the PEFT adapter of epoch_N
 FINISHED = ("done", "skipped (up to date)")
 
 
