@@ -110,12 +110,19 @@ def tiny_llama3_2_checkpointer(
     resume_from_checkpoint: bool = False,
     safe_serialization: bool = True,
     should_load_recipe_state: bool = False,
+    model_type: str = "LLAMA3_2",
 ) -> FullModelHFCheckpointer:
-    """torchtune's HF checkpointer reading the tiny checkpoint (created on first use)."""
+    """torchtune's HF checkpointer reading the tiny checkpoint (created on first use).
+
+    ``model_type`` is there because recipes read ``checkpointer.model_type`` (with activation
+    checkpointing on); the tiny model is a Llama 3.2, so nothing else is accepted.
+    """
+    if model_type != "LLAMA3_2":
+        raise ValueError(f"tiny_llama3_2_checkpointer: model_type must be 'LLAMA3_2' (got {model_type!r})")
     return FullModelHFCheckpointer(
         checkpoint_dir=tiny_checkpoint_dir(),
         checkpoint_files=[CHECKPOINT_FILE],
-        model_type="LLAMA3_2",
+        model_type=model_type,
         output_dir=output_dir,
         recipe_checkpoint=recipe_checkpoint,
         adapter_checkpoint=adapter_checkpoint,
