@@ -227,12 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run ``medtune``; data errors and bad arguments print one line and exit 2, not a traceback."""
+    """Run ``medtune``; data errors, unreachable hubs and bad arguments print one line and exit 2,
+    not a traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # DataError is a ValueError
+    except ConnectionError as e:  # datasets' "Couldn't reach 'owner/name' on the Hub"
+        print(f"medtune: error: {e}; offline, name a local copy instead (a path after the kind:)", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:  # DataError is a ValueError; missing or unreadable files
         print(f"medtune: error: {e}", file=sys.stderr)
         return 2
 

@@ -94,6 +94,15 @@ def test_errors_are_one_line_naming_the_file(capsys, tmp_path):
     assert "invalid SPEC 'nonsense:x'" in capsys.readouterr().err
 
 
+def test_an_unreachable_hub_id_is_one_line_not_a_traceback(capsys):
+    """Tests run with HF_HUB_OFFLINE=1: a Hub id cannot be fetched, as on a machine without network."""
+    code, _, err = run(capsys, "data", "stats", "medquad:lavita/MedQuAD")
+    assert code == 2
+    assert err.startswith("medtune: error: Couldn't reach 'lavita/MedQuAD' on the Hub"), err
+    assert err.rstrip().endswith("offline, name a local copy instead (a path after the kind:)")
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_installed_console_script(shared_data):
     exe = Path(sys.executable).with_name("medtune")
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
