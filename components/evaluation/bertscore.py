@@ -61,6 +61,16 @@ def resolve_model(model: Optional[str] = None, num_layers: Optional[int] = None)
     )
 
 
+def recorded_name(model_type: str) -> str:
+    """How results name a resolved model: the MiniLM package's folder by its alias, not a local path."""
+    try:
+        if model_type == minilm_model_dir():
+            return MINILM_ALIAS
+    except ValueError:  # the package is not installed, so this is not its folder
+        pass
+    return model_type
+
+
 def _device() -> str:
     import torch
 

@@ -155,6 +155,23 @@ def _data_reports() -> Dict[str, Any]:
     return dict(DATA_REPORTS)
 
 
+def bertscore_models(results: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """``{task: {"model", "num_layers"}}`` for each task whose documents name the BERTScore model
+    that scored them (the ``medquad`` task's do): scores differ by model, so results record it."""
+    from components.evaluation.bertscore import recorded_name
+
+    found: Dict[str, Dict[str, Any]] = {}
+    for task, rows in results.get("samples", {}).items():
+        models = {(row["doc"]["bertscore_model"], row["doc"]["bertscore_num_layers"])
+                  for row in rows if "bertscore_model" in row.get("doc", {})}
+        if len(models) == 1:
+            (model, layers), = models
+            found[task] = {"model": recorded_name(model), "num_layers": int(layers)}
+        elif models:
+            raise ValueError(f"task {task}: documents name different BERTScore models {sorted(models)}")
+    return found
+
+
 def write_outputs(results: Dict[str, Any], output_dir: Union[str, Path]) -> Path:
     """``results.json`` and ``samples/<task>.jsonl`` under ``output_dir``; returns the results path."""
     from lm_eval.utils import handle_non_serializable
@@ -209,6 +226,7 @@ def run_tasks(
         "summary": summarize_results(results, per_question),
         "per_question": per_question,
         "data_reports": _data_reports(),
+        "bertscore": bertscore_models(results),
     }
     if output_dir is not None:
         path = write_outputs(results, output_dir)

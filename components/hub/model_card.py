@@ -148,7 +148,11 @@ def hyperparameters(config: Dict[str, Any]) -> List[Tuple[str, Any]]:
 
 
 def bertscore_model(info: RunInfo) -> str:
-    """The BERTScore model of the study's evaluations, as far as the study file says it."""
+    """The BERTScore model of the run's scores as its results.json records it; for older results,
+    as far as the study file says it."""
+    scorers = sorted({c["scorer"] for c in info.results if c.get("scorer")})
+    if scorers:
+        return ", ".join(f"`{scorer}`" for scorer in scorers)
     study_file = Path(str(info.study.get("study_file", "")))
     env = {}
     if study_file.is_file():

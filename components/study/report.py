@@ -41,6 +41,7 @@ class Cell:
     diff_low: Optional[float] = None
     diff_high: Optional[float] = None
     published: Optional[float] = None
+    scorer: Optional[str] = None  # the BERTScore model of a bertscore_* cell, as results.json names it
 
     @property
     def significant(self) -> Optional[bool]:
@@ -65,6 +66,16 @@ def summary_of(eval_dir: Path, task: str, metric: str) -> Optional[Dict[str, flo
     """The medtune summary (mean, n, stderr, 95% interval) of a metric in `results.json`."""
     section = _medtune_section(str(eval_dir / "results.json"))
     return section.get("summary", {}).get(task, {}).get(metric)
+
+
+def scorer_of(eval_dir: Path, task: str, metric: str) -> Optional[str]:
+    """The BERTScore model behind a ``bertscore_*`` metric, with its layer, from `results.json`."""
+    if not metric.startswith("bertscore"):
+        return None
+    model = _medtune_section(str(eval_dir / "results.json")).get("bertscore", {}).get(task)
+    if not model or model["model"] == "none":  # BERTScore switched off: the cell holds NaN
+        return None
+    return f"{model['model']} (layer {model['num_layers']})"
 
 
 def paired_difference(
@@ -97,6 +108,7 @@ def collect(spec: StudySpec, root: Path) -> List[Cell]:
                     summary = summary_of(eval_dir, task, metric)
                     cell = Cell(evaluation.table, labels[run], run, task, metric, None)
                     cell.published = published.get(run, {}).get(task, {}).get(metric)
+                    cell.scorer = scorer_of(eval_dir, task, metric)
                     if summary and summary.get("n"):
                         cell.value, cell.n = summary["acc"], int(summary["n"])
                         cell.ci95_low, cell.ci95_high = summary["ci95_low"], summary["ci95_high"]
