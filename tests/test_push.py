@@ -18,7 +18,7 @@ import httpx
 import pytest
 import torch
 import yaml
-from huggingface_hub import HfApi, ModelCard, constants
+from huggingface_hub import CommitOperationDelete, HfApi, ModelCard, constants
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
@@ -123,7 +123,7 @@ def listed_files(out: str) -> List[str]:
 
 
 class FakeHub:
-    """Stands in for the Hub's two calls; records the commit's files or fails as told."""
+    """Stands in for the Hub's calls; holds the repository's files, applies commits or fails as told."""
 
     def __init__(self, monkeypatch, fail_commit: Exception = None):
         self.created: List[str] = []
@@ -133,6 +133,7 @@ class FakeHub:
         monkeypatch.setenv("HF_TOKEN", TOKEN)
         monkeypatch.setattr(HfApi, "create_repo", self.create_repo)
         monkeypatch.setattr(HfApi, "create_commit", self.create_commit)
+        monkeypatch.setattr(HfApi, "list_repo_files", self.list_repo_files)
 
     def create_repo(self, repo_id, **kwargs):
         self.created.append(repo_id)
@@ -143,10 +144,16 @@ class FakeHub:
         if self.fail_commit is not None:
             raise self.fail_commit
         for op in operations:
+            if isinstance(op, CommitOperationDelete):
+                del self.files[op.path_in_repo]
+                continue
             data = op.path_or_fileobj
             self.files[op.path_in_repo] = data if isinstance(data, bytes) else Path(data).read_bytes()
         url = f"https://huggingface.co/{repo_id}"
         return type("Commit", (), {"repo_url": url, "oid": "0123456789abcdef", "commit_url": f"{url}/commit/0123"})()
+
+    def list_repo_files(self, repo_id, **kwargs):
+        return [".gitattributes", *self.files]
 
     def write(self, folder: Path) -> Path:
         for name, data in self.files.items():
@@ -317,6 +324,23 @@ def test_push_is_one_commit_that_transformers_and_peft_load(study, capsys, monke
     with torch.no_grad():
         expected, got = model(**tokens).logits, with_adapter(**tokens).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_a_second_push_names_stale_files_and_replace_deletes_them_in_its_commit(study, capsys, monkeypatch):
+    """Merged model, then adapter, to one repository: the merged files stay (with a warning)
+    unless --replace deletes them in the adapter's commit."""
+    hub = FakeHub(monkeypatch)
+    code, _, err = push(capsys, study / "runs" / "lora", "--repo-id", REPO_ID)
+    assert code == 0 and "warning" not in err, err
+    code, _, err = push(capsys, study / "runs" / "lora", "--repo-id", REPO_ID, "--adapter-only")
+    stale = sorted(MERGED - ADAPTER)
+    assert code == 0, err
+    assert f"warning: {REPO_ID} keeps {len(stale)} files that this push does not write: {', '.join(stale)}" in err
+    assert set(hub.files) == MERGED | ADAPTER
+    code, out, err = push(capsys, study / "runs" / "lora", "--repo-id", REPO_ID, "--adapter-only", "--replace")
+    assert code == 0 and "warning" not in err, err
+    assert f"deleting {len(stale)} files of {REPO_ID} that this push does not write" in out
+    assert set(hub.files) == ADAPTER
 
 
 def test_failure_mid_upload_says_what_and_claims_nothing(study, capsys, monkeypatch):

@@ -1,9 +1,12 @@
-"""`medtune push RUN_DIR --repo-id ORG/NAME [--adapter-only | --merged] [--private] [--dry-run]`.
+"""`medtune push RUN_DIR --repo-id ORG/NAME [--adapter-only | --merged] [--private] [--replace] [--dry-run]`.
 
 Publishes one run of a study to the Hugging Face Hub: the merged model (safetensors, config,
 tokenizer) or, with ``--adapter-only``, the PEFT adapter (with the tokenizer), and a model card.
 Everything is checked and built locally first; then the repository is created if needed and all
 files go up in one commit (`HfApi.create_commit`), so a failure part-way publishes nothing.
+Files already in the repository that this push does not write (an adapter_config.json left by
+an earlier adapter push makes loaders treat a merged model as an adapter) are named in a
+warning; ``--replace`` deletes them in the same commit.
 
 The token is whatever huggingface_hub finds (``HF_TOKEN``, or the login of ``hf auth login``);
 this module never passes, prints or stores it, and removes anything token-like from the error
@@ -71,9 +74,14 @@ def describe(uploads: List[Upload]) -> List[str]:
     return lines
 
 
-def upload(repo_id: str, uploads: List[Upload], private: bool, message: str) -> int:
-    """Create the repository if needed and add every file in one commit; report what happened."""
-    from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
+#: Files of a repository that a push never counts as stale: the Hub writes .gitattributes itself.
+KEEP_IN_REPO = frozenset({".gitattributes"})
+
+
+def upload(repo_id: str, uploads: List[Upload], private: bool, message: str, replace: bool = False) -> int:
+    """Create the repository if needed and add every file in one commit (with ``replace``, also
+    delete the repository's other files in it); report what happened."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_token
 
     if constants.HF_HUB_OFFLINE:
         print("medtune push: huggingface_hub is in offline mode (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set): "
@@ -96,6 +104,15 @@ def upload(repo_id: str, uploads: List[Upload], private: bool, message: str) -> 
         ]
         stage = f"creating the repository {repo_id}"
         api.create_repo(repo_id, private=private or None, exist_ok=True)
+        stage = f"listing the files of {repo_id}"
+        pushed = {u.path_in_repo for u in uploads}
+        stale = sorted(set(api.list_repo_files(repo_id)) - pushed - KEEP_IN_REPO)
+        if stale and replace:
+            operations += [CommitOperationDelete(path) for path in stale]
+            print(f"deleting {len(stale)} files of {repo_id} that this push does not write: {', '.join(stale)}")
+        elif stale:
+            print(f"warning: {repo_id} keeps {len(stale)} files that this push does not write: {', '.join(stale)}; "
+                  "--replace deletes them in the same commit", file=sys.stderr)
         stage = f"uploading {len(uploads)} files ({sum(u.size for u in uploads):,} bytes) to {repo_id}"
         state = (
             f"The repository {repo_id} exists, but this push made no commit to it: the files go up in a single "
@@ -118,6 +135,7 @@ def push(
     merged: bool = False,
     private: bool = False,
     dry_run: bool = False,
+    replace: bool = False,
     base_model: Optional[str] = None,
     datasets: Optional[List[str]] = None,
 ) -> int:
@@ -142,7 +160,8 @@ def push(
         return 0
     print("\n".join([header, *describe(uploads)]), flush=True)
     study = f" of study {info.study['study']}" if info.study.get("study") else ""
-    return upload(repo_id, uploads, private, f"medtune push: {kind}, run {info.name}{study} ({info.merged_dir.name})")
+    message = f"medtune push: {kind}, run {info.name}{study} ({info.merged_dir.name})"
+    return upload(repo_id, uploads, private, message, replace)
 
 
 def add_push_command(subparsers: argparse._SubParsersAction) -> None:
@@ -157,6 +176,9 @@ def add_push_command(subparsers: argparse._SubParsersAction) -> None:
     what.add_argument("--merged", action="store_true", help="push the merged full model (the default)")
     parser.add_argument("--private", action="store_true",
                         help="create the repository as private (an existing one keeps its visibility)")
+    parser.add_argument("--replace", action="store_true",
+                        help="delete the repository's files that this push does not write, in the same commit "
+                             "(without it they stay, with a warning)")
     parser.add_argument("--dry-run", action="store_true",
                         help="list the files and print the card; no token, no network")
     parser.add_argument("--base-model", metavar="HUB_ID",
@@ -164,5 +186,5 @@ def add_push_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dataset", action="append", metavar="HUB_ID",
                         help="a training data set's Hub id to add to the card; repeatable")
     parser.set_defaults(func=lambda a: push(
-        a.run_dir, a.repo_id, a.adapter_only, a.merged, a.private, a.dry_run, a.base_model, a.dataset
+        a.run_dir, a.repo_id, a.adapter_only, a.merged, a.private, a.dry_run, a.replace, a.base_model, a.dataset
     ))
