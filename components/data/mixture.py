@@ -164,8 +164,10 @@ def medical_meadow_mixture(
             Arrow, checked, split, decontaminated, templated and tokenized once, and the result
             is written to a cache folder keyed by every input and setting; the next run with the
             same key memory-maps it and does no work. Items are read from the memory-mapped
-            tokens (same tokens, labels and order as ``cache=False``). Default True. False: the
-            rows are held in memory and tokenized lazily per item.
+            tokens (same tokens, labels and order as ``cache=False``). With ``packed``, the packs
+            are cached and memory-mapped too (:mod:`components.data.packing`; the same packs as
+            torchtune's ``PackedDataset``). Default True. False: the rows are held in memory and
+            tokenized lazily per item (and packed in memory).
         cache_dir (Optional[str]): the cache's root folder. Default None:
             ``$MEDTUNE_CACHE_DIR/data`` (else ``~/.cache/medtune/data``).
         num_proc (Optional[int]): processes for tokenizing when building the cache. Default
@@ -218,7 +220,10 @@ def medical_meadow_mixture(
         if packed:
             if tokenizer.max_seq_len is None:
                 raise ValueError("PackedDataset requires a max_seq_len to be set on the tokenizer.")
-            return PackedDataset(ds, max_seq_len=tokenizer.max_seq_len)
+            from components.data.packing import cached_packs
+
+            # PackedDataset's packs, built once into the cache and memory-mapped (not held in RAM)
+            return cached_packs(ds, max_seq_len=tokenizer.max_seq_len)
         return ds
     if skip_empty or long_records != "truncate":
         raise ValueError("skip_empty and long_records need cache=True (they are applied while tokenizing)")
