@@ -228,17 +228,23 @@ def config_file_from_argv(argv: Optional[Sequence[str]] = None) -> Optional[str]
     return None
 
 
-def config_problems(cfg: DictConfig, recipe_file: Union[str, Path], file_keys: Optional[Set[str]] = None) -> List[str]:
+def config_problems(
+    cfg: DictConfig, recipe_file: Union[str, Path], file_cfg: Optional[DictConfig] = None
+) -> List[str]:
     """Every problem of ``cfg`` for the recipe in ``recipe_file`` (see the module docstring).
 
-    ``file_keys`` are the top-level keys of the config file itself; an unknown key not among
-    them is marked as set on the command line.
+    ``file_cfg`` is the config file as written: a key its interpolations refer to stays known
+    when a command-line override replaces the interpolation (``checkpointer.checkpoint_dir=...``
+    over ``${stage1_dir}/epoch_2``), and an unknown key not in it is marked as set on the
+    command line.
     """
     known = set(recipe_keys(str(recipe_file))) | COMMON_KEYS | _interpolated_keys(cfg)
+    if file_cfg is not None:
+        known |= _interpolated_keys(file_cfg)
     problems = []
     for key in cfg.keys():
         if key not in known:
-            origin = ", set on the command line" if file_keys is not None and key not in file_keys else ""
+            origin = ", set on the command line" if file_cfg is not None and key not in file_cfg else ""
             problems.append(f"unknown key {key!r}{_hint(str(key), known)}: {Path(recipe_file).name} does not read it{origin}")
     for where, node in components(cfg):
         problems += check_component(where, node)
@@ -252,9 +258,7 @@ def check_recipe_config(cfg: DictConfig, recipe_file: Union[str, Path], config_f
     is then taken from the ``--config`` argument of ``tune run``.
     """
     config_file = config_file or config_file_from_argv()
-    file_keys = None
-    if config_file and Path(config_file).is_file():
-        file_keys = set(OmegaConf.load(config_file).keys())
-    problems = config_problems(cfg, recipe_file, file_keys)
+    file_cfg = OmegaConf.load(config_file) if config_file and Path(config_file).is_file() else None
+    problems = config_problems(cfg, recipe_file, file_cfg)
     if problems:
         raise ConfigCheckError(problems, config_file)

@@ -150,6 +150,19 @@ def test_config_file_comes_from_the_tune_command_line():
     assert config_file_from_argv(["x.py"]) is None
 
 
+def test_a_key_the_file_interpolates_stays_known_when_an_override_replaces_the_interpolation():
+    """configs/tiny/knowtuning_kc.yaml reads stage 1's model from ${stage1_dir}/epoch_2; pointing
+    checkpointer.checkpoint_dir elsewhere on the command line leaves stage1_dir unread, not unknown."""
+    config = "configs/tiny/knowtuning_kc.yaml"
+    recipe = REPO_ROOT / "recipes" / "knowtuning_dpo_single_device.py"
+    cfg = OmegaConf.merge(OmegaConf.load(REPO_ROOT / config), OmegaConf.from_dotlist(["checkpointer.checkpoint_dir=/x"]))
+    assert "stage1_dir" in cfg and "${stage1_dir}" not in OmegaConf.to_yaml(cfg)
+    check_recipe_config(cfg, recipe, config_file=str(REPO_ROOT / config))
+    cfg["stage1_dri"] = "/y"
+    with pytest.raises(ConfigCheckError, match="unknown key 'stage1_dri' \\(did you mean 'stage1_dir'\\?\\)"):
+        check_recipe_config(cfg, recipe, config_file=str(REPO_ROOT / config))
+
+
 #: Every recipe `tune run` can start, with a tiny config it runs and a key that config sets.
 CLI_CASES = [
     ("eleuther_eval", "configs/tiny/eval.yaml", "limit"),
