@@ -2,6 +2,7 @@
 
     nice -n 10 python benchmarks/data_pipeline.py                 # generate (once), then measure
     python benchmarks/data_pipeline.py --rows-scale 0.01          # a quick 1 % run
+    python benchmarks/data_pipeline.py --packed --modes first cached torchtune_packed  # packing too
 
 1. A synthetic mix of the study's size (895,753 rows) in the Medical Meadow schema
    ``{instruction, input, output}``, written as the eight set files (JSON arrays, the sample
@@ -25,6 +26,14 @@
    forks ``num_proc`` workers), and the parent's own VmHWM. Resident memory counts pages of
    memory-mapped Arrow files that were read (clean page cache the kernel can drop), so the
    anonymous part (RssAnon, the Python heap) is reported too.
+4. ``--packed``: each run then packs the training rows to 256 tokens as ``packed: True`` does,
+   timed and measured on its own (``pack_*``: seconds, and the peak tree PSS / anonymous PSS
+   while packing, next to the anonymous PSS when packing started), and reads packs instead of
+   rows. ``first`` and ``cached`` call ``medical_meadow_mixture(..., packed=True)`` (the row cache
+   then hits): packs streamed into the cache (:mod:`components.data.packing`), or memory-mapped
+   from it. ``torchtune_packed`` takes the rows from the cache and packs them with torchtune's
+   ``PackedDataset`` (every pack in RAM: what ``packed: True`` did before); ``uncached`` packs the
+   lazily tokenized rows with it, as ``cache=False`` does.
 """
 
 import argparse
@@ -134,14 +143,17 @@ def _status(field: str) -> int:
     raise KeyError(field)
 
 
-def measure(mode: str, data_dir: str, num_proc) -> dict:
+def measure(mode: str, data_dir: str, num_proc, packed: bool = False) -> dict:
     peak = {"rss": 0, "anon": 0}
+    phase = {"name": "rows", "pack_rss": 0, "pack_anon": 0}
     stop = threading.Event()
 
     def sample():
         while not stop.is_set():
             rss, anon = _tree_memory(os.getpid())
             peak["rss"], peak["anon"] = max(peak["rss"], rss), max(peak["anon"], anon)
+            if phase["name"] == "pack":
+                phase["pack_rss"], phase["pack_anon"] = max(phase["pack_rss"], rss), max(phase["pack_anon"], anon)
             stop.wait(0.05)
 
     threading.Thread(target=sample, daemon=True).start()
@@ -153,12 +165,39 @@ def measure(mode: str, data_dir: str, num_proc) -> dict:
     tokenizer = tiny_llama3_2_tokenizer(max_seq_len=256)
     t_import = time.time() - t0
     t1 = time.time()
-    ds = medical_meadow_mixture(
-        tokenizer, data_dir=data_dir, template="medalpaca", train_on_input=True,
+    settings = dict(
+        data_dir=data_dir, template="medalpaca", train_on_input=True,
         holdout_fraction=0.1, holdout_seed=42, holdout="train", decontaminate=EVAL_SETS,
         cache=(mode != "uncached"), num_proc=num_proc,
     )
+    ds = medical_meadow_mixture(tokenizer, **settings)
     t_build = time.time() - t1
+    rows = ds
+    pack = {}
+    if packed:
+        anon_before = _tree_memory(os.getpid())[1]
+        phase["name"] = "pack"
+        t3 = time.time()
+        if mode in ("torchtune_packed", "uncached"):
+            from torchtune.datasets import PackedDataset
+
+            ds = PackedDataset(rows, max_seq_len=tokenizer.max_seq_len)
+        else:
+            ds = medical_meadow_mixture(tokenizer, packed=True, **settings)
+        t_pack = time.time() - t3
+        time.sleep(0.1)  # one more memory sample
+        phase["name"] = "read"
+        info = getattr(ds, "report", {}).get("packing", {})
+        pack = {
+            "packs": len(ds),
+            "pack_s": round(t_pack, 2),
+            "pack_anon_before_gib": round(anon_before / GIB, 3),
+            "pack_peak_pss_gib": round(phase["pack_rss"] / GIB, 3),
+            "pack_peak_pss_anon_gib": round(phase["pack_anon"] / GIB, 3),
+            "pack_cache_hit": info.get("cache", {}).get("hit"),
+            "pack_cache_gib": round(info.get("cache", {}).get("bytes", 0) / GIB, 3),
+            "pack_fill": info.get("fill"),
+        }
     # read items as a shuffled sampler would: READ_ITEMS random indices
     indices = random.Random(0).sample(range(len(ds)), min(READ_ITEMS, len(ds)))
     t2 = time.time()
@@ -170,11 +209,12 @@ def measure(mode: str, data_dir: str, num_proc) -> dict:
     import resource
 
     children_maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    report = ds.report
+    report = rows.report
     return {
         "mode": mode,
+        "packed": packed,
         "rows_in": report["rows"],
-        "rows_out": len(ds),
+        "rows_out": len(rows),
         "build_s": round(t_build, 2),
         "import_s": round(t_import, 2),
         "process_s": round(time.time() - T_START, 2),
@@ -193,16 +233,19 @@ def measure(mode: str, data_dir: str, num_proc) -> dict:
         "skipped": report.get("skipped"),
         "decontamination_removed": report.get("decontamination", {}).get("removed"),
         "pipeline_version": pipeline.PIPELINE_VERSION,
+        **pack,
     }
 
 
-def run_child(mode: str, data_dir: str, cache_dir: str, num_proc) -> dict:
+def run_child(mode: str, data_dir: str, cache_dir: str, num_proc, packed: bool = False) -> dict:
     env = {**os.environ, "MEDTUNE_CACHE_DIR": cache_dir, "OMP_NUM_THREADS": "1",
            "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     env.setdefault("TIKTOKEN_CACHE_DIR", str(Path(cache_dir) / "tiktoken"))
     cmd = [sys.executable, __file__, "--child", mode, "--data-dir", data_dir]
     if num_proc is not None:
         cmd += ["--num-proc", str(num_proc)]
+    if packed:
+        cmd.append("--packed")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -216,13 +259,16 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None, help="where the synthetic set files are (generated if missing)")
     parser.add_argument("--cache-dir", default=None, help="MEDTUNE_CACHE_DIR for the runs (default: a fresh temp dir)")
     parser.add_argument("--rows-scale", type=float, default=1.0, help="fraction of the study's 895,753 rows")
-    parser.add_argument("--modes", nargs="+", default=["first", "cached"], choices=["first", "cached", "uncached"])
+    parser.add_argument("--modes", nargs="+", default=["first", "cached"], choices=["first", "cached", "uncached", "torchtune_packed"])
     parser.add_argument("--num-proc", type=int, default=None)
+    parser.add_argument("--packed", action="store_true", help="also pack to 256 tokens and measure that (see 4.)")
     parser.add_argument("--out", default=None, help="append results as JSON lines here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if "torchtune_packed" in args.modes and not args.packed:
+        parser.error("mode torchtune_packed needs --packed")
     if args.child:
-        result = measure(args.child, args.data_dir, args.num_proc)
+        result = measure(args.child, args.data_dir, args.num_proc, packed=args.packed)
         print("RESULT " + json.dumps(result), flush=True)
         return
     data_dir = Path(args.data_dir or Path(tempfile.gettempdir()) / f"medtune-bench-mix-{args.rows_scale:g}")
@@ -234,7 +280,7 @@ def main() -> None:
     print(f"cache: {cache_dir}; load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs", flush=True)
     results = []
     for mode in args.modes:
-        result = run_child(mode, str(data_dir), cache_dir, args.num_proc)
+        result = run_child(mode, str(data_dir), cache_dir, args.num_proc, packed=args.packed)
         result["load_avg_after"] = round(os.getloadavg()[0], 2)
         results.append(result)
         print(json.dumps(result), flush=True)
@@ -247,6 +293,12 @@ def main() -> None:
         print(f"| {r['mode']} | {r['rows_in']:,} | {r['rows_out']:,} | {r['build_s']} | {r['rows_per_s_build']:,} | "
               f"{r['process_s']} | {r['items_per_s_read']:,} | {r['peak_tree_pss_gib']} | "
               f"{r['peak_tree_pss_anon_gib']} | {r['load_avg_1m']} |")
+    if args.packed:
+        print("\n| run | rows packed | packs | pack s | peak PSS GiB (packing) | peak anon GiB (packing) | anon GiB before | packed cache GiB |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in results:
+            print(f"| {r['mode']} | {r['rows_out']:,} | {r['packs']:,} | {r['pack_s']} | {r['pack_peak_pss_gib']} | "
+                  f"{r['pack_peak_pss_anon_gib']} | {r['pack_anon_before_gib']} | {r['pack_cache_gib']} |")
 
 
 if __name__ == "__main__":
