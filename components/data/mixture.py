@@ -17,6 +17,7 @@ from torchtune.modules.transforms.tokenizers import ModelTokenizer
 from components.data.errors import DataError
 from components.data.instruct import InstructDataset, build_instruct_dataset, load_instruction_rows
 from components.data.medical_meadow import MEDICAL_MEADOW_SETS, hub_id, set_name
+from components.data.packing import cached_packs
 
 Amount = Optional[Union[int, float]]
 
@@ -220,8 +221,6 @@ def medical_meadow_mixture(
         if packed:
             if tokenizer.max_seq_len is None:
                 raise ValueError("PackedDataset requires a max_seq_len to be set on the tokenizer.")
-            from components.data.packing import cached_packs
-
             # PackedDataset's packs, built once into the cache and memory-mapped (not held in RAM)
             return cached_packs(ds, max_seq_len=tokenizer.max_seq_len)
         return ds
