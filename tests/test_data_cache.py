@@ -318,3 +318,31 @@ def test_hub_sets_are_keyed_by_their_datasets_fingerprint(tmp_path, tok256, monk
     assert (first.report["cache"]["hit"], again.report["cache"]["hit"]) == (False, True)
     assert len(again) == 450 and first.report["sets"]["medqa"] == {"available": 500, "taken": 500,
                                                                    "study": MEDICAL_MEADOW_SETS["medqa"]}
+
+
+def test_a_second_process_after_the_same_cache_waits_and_reuses_it(tmp_path, tok256, monkeypatch):
+    """Two builders of one cache (say two ranks of a distributed run): while the first builds, the
+    second waits on the build lock, then reuses the first's cache; the data is built once."""
+    import threading
+
+    kwargs = dict(data_dir=str(SAMPLE), holdout_fraction=0.1, cache_dir=str(tmp_path))
+    real_build, builds, second = pipeline._build, [], {}
+
+    def second_builder():
+        second["ds"] = medical_meadow_mixture(tok256, **kwargs)
+
+    def build_while_another_arrives(*args, **kw):
+        builds.append(threading.current_thread().name)
+        if len(builds) == 1:  # the second builder arrives while the first holds the lock
+            second["thread"] = threading.Thread(target=second_builder, name="second")
+            second["thread"].start()
+            second["thread"].join(timeout=1.0)
+            assert second["thread"].is_alive(), "the second builder did not wait for the first"
+        return real_build(*args, **kw)
+
+    monkeypatch.setattr(pipeline, "_build", build_while_another_arrives)
+    first = medical_meadow_mixture(tok256, **kwargs)
+    second["thread"].join(timeout=120)
+    assert builds == ["MainThread"]
+    assert first.report["cache"]["hit"] is False and second["ds"].report["cache"]["hit"] is True
+    assert second["ds"].cache_dir == first.cache_dir and _items(second["ds"]) == _items(first)

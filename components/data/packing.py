@@ -18,7 +18,8 @@ folder, in ``packed/packs-<max_seq_len>-<key>``, the key a SHA-256 of the source
 ``max_seq_len``, ``padding_idx``, ``split_across_pack``, this module's source and torchtune's
 version. A build happens in a temporary folder next to it, ``report.json`` is written last and the
 folder is renamed into place: a killed build leaves nothing that looks complete (its temporary
-folder is removed by the next build). The next run memory-maps the packs without packing.
+folder is removed by the next build); a second process after the same packs waits for the first
+(:func:`~components.data.pipeline.build_lock`). The next run memory-maps the packs without packing.
 """
 
 import bisect
@@ -353,6 +354,14 @@ def packing_key(source_key: str, *, max_seq_len: int, padding_idx: int, split_ac
     })
 
 
+def _cache_hit(folder: Path, ds: Any, source_report: Optional[Dict[str, Any]], note: str) -> CachedPackedDataset:
+    packed = CachedPackedDataset(folder, ds=ds, report=source_report)
+    packed.report["packing"]["cache"]["hit"] = True
+    STATS["hits"] += 1
+    log.info(f"packed: cache hit {folder} ({len(packed):,} packs of {packed.report['packing']['max_seq_len']}, {note})")
+    return packed
+
+
 def cached_packs(
     ds: Any,
     *,
@@ -372,7 +381,7 @@ def cached_packs(
         cache_dir: where the packed folders live. Default: ``<ds.cache_dir>/packed``.
         source_key: what identifies the source's items. Default: ``ds.report["cache"]["key"]``.
     """
-    from components.data.pipeline import _host, folder_bytes, remove_stale_builds
+    from components.data.pipeline import _host, build_lock, folder_bytes, remove_stale_builds
 
     if source_key is None:
         source_key = (getattr(ds, "report", None) or {}).get("cache", {}).get("key")
@@ -386,41 +395,40 @@ def cached_packs(
     folder = root / f"packs-{max_seq_len}-{key[:20]}"
     source_report = getattr(ds, "report", None)
     if (folder / REPORT).is_file():
-        packed = CachedPackedDataset(folder, ds=ds, report=source_report)
-        packed.report["packing"]["cache"]["hit"] = True
-        STATS["hits"] += 1
-        log.info(f"packed: cache hit {folder} ({len(packed):,} packs of {max_seq_len}, {time.time() - started:.1f} s)")
-        return packed
+        return _cache_hit(folder, ds, source_report, f"{time.time() - started:.1f} s")
     root.mkdir(parents=True, exist_ok=True)
-    remove_stale_builds(root)
-    tmp = root / f".tmp-{key[:12]}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{_host()}"
-    tmp.mkdir()
-    try:
-        counts = write_packs(ds, tmp / PACKS_FILE, max_seq_len=max_seq_len, padding_idx=padding_idx,
-                             split_across_pack=split_across_pack)
-        positions = counts["packs"] * max_seq_len
-        info = {
-            **counts,
-            "padding_tokens": positions - counts["tokens"],
-            "fill": round(counts["tokens"] / positions, 4) if positions else None,
-            "max_seq_len": max_seq_len,
-            "padding_idx": padding_idx,
-            "split_across_pack": split_across_pack,
-            "build_seconds": round(time.time() - started, 1),
-            "cache": {"key": key, "source_key": source_key, "dir": str(folder), "bytes": folder_bytes(tmp), "hit": False},
-        }
-        part = tmp / (REPORT + ".part")
-        part.write_text(json.dumps(info, indent=1))
-        os.replace(part, tmp / REPORT)  # the report last: a folder with report.json is complete
+    with build_lock(root, key):
+        if (folder / REPORT).is_file():  # another process packed it while this one waited
+            return _cache_hit(folder, ds, source_report, "built by another process")
+        remove_stale_builds(root)
+        tmp = root / f".tmp-{key[:12]}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{_host()}"
+        tmp.mkdir()
         try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not (folder / REPORT).is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same build first
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            counts = write_packs(ds, tmp / PACKS_FILE, max_seq_len=max_seq_len, padding_idx=padding_idx,
+                                 split_across_pack=split_across_pack)
+            positions = counts["packs"] * max_seq_len
+            info = {
+                **counts,
+                "padding_tokens": positions - counts["tokens"],
+                "fill": round(counts["tokens"] / positions, 4) if positions else None,
+                "max_seq_len": max_seq_len,
+                "padding_idx": padding_idx,
+                "split_across_pack": split_across_pack,
+                "build_seconds": round(time.time() - started, 1),
+                "cache": {"key": key, "source_key": source_key, "dir": str(folder), "bytes": folder_bytes(tmp), "hit": False},
+            }
+            part = tmp / (REPORT + ".part")
+            part.write_text(json.dumps(info, indent=1))
+            os.replace(part, tmp / REPORT)  # the report last: a folder with report.json is complete
+            try:
+                os.rename(tmp, folder)
+            except OSError:
+                if not (folder / REPORT).is_file():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same build first
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     STATS["builds"] += 1
     packed = CachedPackedDataset(folder, ds=ds, report=source_report)
     p = packed.report["packing"]

@@ -24,7 +24,9 @@ builds (same rows, same order, same tokens and labels) without holding the mix i
    the records it drops are logged per worker and counted into the report. Everything is built
    in a temporary folder, ``report.json`` is written last, and the folder is then renamed to
    its key: a build killed at any point leaves no folder that looks complete (temporary
-   folders of dead builds are removed by the next build).
+   folders of dead builds are removed by the next build). A build holds a lock on its key
+   (:func:`build_lock`): other processes after the same cache, such as the other ranks of a
+   distributed run, wait and then reuse it instead of building it again.
 
 The key is a SHA-256 of every input: each set file's path, size and modification time (or a Hub
 set's ``datasets`` fingerprint), the evaluation files' likewise, the tokenizer (its vocabulary
@@ -39,6 +41,7 @@ does no loading, checking, tokenizing or decontaminating. Caches live under
 
 import codecs
 import copy
+import fcntl
 import hashlib
 import json
 import os
@@ -47,6 +50,7 @@ import shutil
 import socket
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -517,6 +521,23 @@ def remove_stale_builds(root: Path) -> List[Path]:
     return removed
 
 
+@contextmanager
+def build_lock(root: Path, key: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``root/.lock-<key>`` while building a cache: a second process
+    after the same cache (another rank of a distributed run, a parallel study step) waits for the
+    first and then reuses its result instead of building it again. The lock is advisory
+    (``flock``); where the filesystem has none, both build and the rename keeps one."""
+    with open(root / f".lock-{key[:20]}", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info(f"waiting for another process building the cache {key[:20]} in {root}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:  # no locks on this filesystem
+            pass
+        yield  # closing the file releases the lock
+
+
 def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -631,31 +652,37 @@ def cached_mixture(
         )
         return cached
     root.mkdir(parents=True, exist_ok=True)
-    remove_stale_builds(root)
-    tmp = root / f".tmp-{key[:12]}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{_host()}"
-    tmp.mkdir()
-    try:
-        data = _build(
-            tokenizer, tmp, sets=sets, sources=sources, report=report, mix_seed=mix_seed, split=split,
-            template=template, train_on_input=train_on_input, system_prompt=system_prompt,
-            holdout_fraction=holdout_fraction, holdout_seed=holdout_seed, holdout=holdout,
-            decontaminate=decontaminate, decontaminate_ngram=decontaminate_ngram, filter_fn=filter_fn,
-            skip_empty=skip_empty, long_records=long_records, num_proc=num_proc,
-        )
-        report["build_seconds"] = round(time.time() - started, 1)
-        report["cache"] = {"key": key, "bytes": folder_bytes(tmp / "dataset")}
-        (tmp / "settings.json").write_text(json.dumps(settings, indent=1, default=str))
-        _write_report(tmp, report)
-        del data
+    with build_lock(root, key):
+        cached = load_cache(folder)
+        if cached is not None:  # another process built it while this one waited
+            STATS["hits"] += 1
+            log.info(f"{cached.report.get('name', 'dataset')}: cache hit {folder}, built by another process")
+            return cached
+        remove_stale_builds(root)
+        tmp = root / f".tmp-{key[:12]}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{_host()}"
+        tmp.mkdir()
         try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not (folder / "report.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same build first
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            data = _build(
+                tokenizer, tmp, sets=sets, sources=sources, report=report, mix_seed=mix_seed, split=split,
+                template=template, train_on_input=train_on_input, system_prompt=system_prompt,
+                holdout_fraction=holdout_fraction, holdout_seed=holdout_seed, holdout=holdout,
+                decontaminate=decontaminate, decontaminate_ngram=decontaminate_ngram, filter_fn=filter_fn,
+                skip_empty=skip_empty, long_records=long_records, num_proc=num_proc,
+            )
+            report["build_seconds"] = round(time.time() - started, 1)
+            report["cache"] = {"key": key, "bytes": folder_bytes(tmp / "dataset")}
+            (tmp / "settings.json").write_text(json.dumps(settings, indent=1, default=str))
+            _write_report(tmp, report)
+            del data
+            try:
+                os.rename(tmp, folder)
+            except OSError:
+                if not (folder / "report.json").is_file():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same build first
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     STATS["builds"] += 1
     ds = load_cache(folder)
     ds.report["cache"]["hit"] = False
