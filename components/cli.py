@@ -7,7 +7,8 @@ Each subcommand is registered by a function in :data:`COMMANDS` that adds its pa
 ``medtune data stats SPEC`` and ``medtune data export SPEC --out FILE.jsonl`` read a data set
 named by ``SPEC = <kind>:<path or hub id>``: ``meadow:`` (a JSON/JSONL file, a set name such as
 ``wikidoc`` or a Hub id), ``medquad:`` (an XML folder or Hub id), ``usmle:`` (a folder) or
-``mixture:`` (a folder of ``<set>.json``, or ``hub``).
+``mixture:`` (a folder of ``<set>.json``, or ``hub``). ``medtune data cache`` lists the data
+cache and removes unused caches (``--remove-unused-days N``, ``--clear``).
 """
 
 import argparse
@@ -175,6 +176,45 @@ def data_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def data_cache(args: argparse.Namespace) -> int:
+    import time
+
+    from components.data.cache_folders import list_cache, remove, select_for_removal
+    from components.data.pipeline import cache_root
+
+    if args.remove_unused_days is not None and args.remove_unused_days < 0:
+        raise ValueError(f"--remove-unused-days must be 0 or more, got {args.remove_unused_days}")
+    root = cache_root(args.cache_dir)
+    folders = list_cache(root)
+    print(f"cache: {root} ({len(folders)} folders, {_size(sum(f.bytes for f in folders))})")
+    now = time.time()
+    for f in folders:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(f.last_used))
+        if f.building is not None:
+            what = "build in progress" if f.building == "live" else "left by a killed build"
+        else:
+            rows = f"{f.rows:,} rows" if isinstance(f.rows, int) else "rows unknown"
+            what = f"{rows}, {f.packed} packed; last used {used} ({(now - f.last_used) / 86400:.1f} days ago)"
+        print(f"  {f.path.name}  {_size(f.bytes)}  {what}")
+    chosen = select_for_removal(folders, args.remove_unused_days, args.clear)
+    if not chosen:
+        return 0
+    if args.dry_run:
+        for f in chosen:
+            print(f"would remove {f.path.name} ({_size(f.bytes)})")
+        print(f"would free {_size(sum(f.bytes for f in chosen))} (dry run: nothing removed)")
+        return 0
+    freed = remove(chosen)
+    for f in chosen:
+        print(f"removed {f.path.name} ({_size(f.bytes)})")
+    print(f"freed {_size(freed)}; a run that needs a removed cache builds it again")
+    return 0
+
+
 def add_selection_options(parser: argparse.ArgumentParser, default_spec: Optional[str] = None) -> None:
     """SPEC and the options that choose records from it (also used by ``medtune knowtuning``)."""
     kinds = "<kind>:<path or hub id>, kind one of " + ", ".join(KINDS)
@@ -194,7 +234,7 @@ def add_selection_options(parser: argparse.ArgumentParser, default_spec: Optiona
 
 
 def add_data_command(subparsers: argparse._SubParsersAction) -> None:
-    """``medtune data {stats,export}``."""
+    """``medtune data {stats,export,cache}``."""
     data = subparsers.add_parser("data", help="inspect and export data sets")
     actions = data.add_subparsers(dest="action", required=True, metavar="ACTION")
     stats = actions.add_parser("stats", help="print counts for a data set")
@@ -206,6 +246,18 @@ def add_data_command(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--out", required=True, metavar="FILE.jsonl", help="output file")
     export.add_argument("--template", help="add the prompt rendered with medalpaca, alpaca or llama3_chat")
     export.set_defaults(func=data_export)
+    cache = actions.add_parser(
+        "cache", help="list the data cache (size, rows, last use) and remove what is unused",
+        description="Lists the cached data sets (dataset: cache: True) and leftovers of killed builds; "
+                    "--remove-unused-days or --clear also removes the leftovers. A removed cache is built "
+                    "again by the next run that needs it.",
+    )
+    cache.add_argument("--cache-dir", help="the cache's root (default: $MEDTUNE_CACHE_DIR/data, else ~/.cache/medtune/data)")
+    which = cache.add_mutually_exclusive_group()
+    which.add_argument("--remove-unused-days", type=float, metavar="N", help="remove caches no run used in N days")
+    which.add_argument("--clear", action="store_true", help="remove every cache")
+    cache.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
+    cache.set_defaults(func=data_cache)
 
 
 COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [

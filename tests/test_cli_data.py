@@ -111,3 +111,57 @@ def test_installed_console_script(shared_data):
     )
     assert result.returncode == 0, result.stderr
     assert "total: 376 questions" in result.stdout
+
+
+def test_data_cache_lists_and_removes_only_what_is_unused(capsys, tmp_path):
+    """Two caches (one unused for 10 days), a killed build's folder, a live build's folder and a
+    folder that is not ours: listing changes nothing; removal takes the unused cache and the
+    leftover, never a live build or a foreign folder; a cache hit counts as a use."""
+    from components.data import medical_meadow_mixture
+    from components.data.pipeline import _host
+    from components.models import tiny_llama3_2_tokenizer
+
+    tokenizer = tiny_llama3_2_tokenizer(max_seq_len=128)
+    sample = Path(__file__).resolve().parent.parent / "components" / "data" / "sample" / "medical_meadow"
+    recent = medical_meadow_mixture(tokenizer, data_dir=str(sample), sets=["mmmlu"], cache_dir=str(tmp_path)).cache_dir
+    old = medical_meadow_mixture(tokenizer, data_dir=str(sample), sets=["mediqa"], cache_dir=str(tmp_path)).cache_dir
+    ten_days_ago = os.stat(old).st_mtime - 10 * 86400
+    os.utime(old, (ten_days_ago, ten_days_ago))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f".tmp-abc123-{int(gone.stdout)}-0badf00d-{_host()}"
+    live = tmp_path / f".tmp-abc123-{os.getpid()}-0badf00d-{_host()}"
+    foreign = tmp_path / "notes"
+    for folder in (dead, live, foreign):
+        folder.mkdir()
+        (folder / "x").write_bytes(b"x" * 1000)
+    everything = {recent, old, dead, live, foreign}
+
+    def listed(*args):
+        code, out, err = run(capsys, "data", "cache", "--cache-dir", str(tmp_path), *args)
+        assert code == 0, err
+        return out
+
+    out = listed()
+    assert out.splitlines()[0].startswith(f"cache: {tmp_path} (4 folders, ")
+    assert f"  {recent.name}  " in out and "rows, 0 packed; last used" in out
+    assert "10.0 days ago" in out and f"  {dead.name}  0.0 MiB  left by a killed build" in out
+    assert f"  {live.name}  0.0 MiB  build in progress" in out and "notes" not in out
+    assert set(tmp_path.iterdir()) - {p for p in tmp_path.iterdir() if p.name.startswith(".lock-")} == everything
+
+    out = listed("--remove-unused-days", "5", "--dry-run")
+    assert f"would remove {old.name}" in out and f"would remove {dead.name}" in out and "nothing removed" in out
+    assert recent.name not in out.split("would remove", 1)[1] and old.exists() and dead.exists()
+
+    out = listed("--remove-unused-days", "5")
+    assert f"removed {old.name}" in out and f"removed {dead.name}" in out
+    assert not old.exists() and not dead.exists() and recent.exists() and live.exists() and foreign.exists()
+
+    os.utime(recent, (ten_days_ago, ten_days_ago))  # a cache hit is a use
+    medical_meadow_mixture(tokenizer, data_dir=str(sample), sets=["mmmlu"], cache_dir=str(tmp_path))
+    assert "removed" not in listed("--remove-unused-days", "5")
+
+    out = listed("--clear")
+    assert f"removed {recent.name}" in out
+    assert not recent.exists() and live.exists() and foreign.exists()
+    code, _, err = run(capsys, "data", "cache", "--cache-dir", str(tmp_path), "--remove-unused-days", "-1")
+    assert code == 2 and "--remove-unused-days must be 0 or more, got -1" in err

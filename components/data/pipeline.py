@@ -549,6 +549,15 @@ def open_dataset(folder: Path) -> datasets.Dataset:
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
+def mark_used(folder: Path) -> None:
+    """Set the folder's modification time to now: ``medtune data cache`` reports it as the last
+    use, and ``--remove-unused-days`` goes by it. A read-only cache stays as it is."""
+    try:
+        os.utime(folder)
+    except OSError:
+        pass
+
+
 def load_cache(folder: Path) -> Optional[CachedInstructDataset]:
     """The dataset in a complete cache folder, or None when there is none."""
     report_file = folder / "report.json"
@@ -556,6 +565,7 @@ def load_cache(folder: Path) -> Optional[CachedInstructDataset]:
         return None
     report = json.loads(report_file.read_text())
     data = open_dataset(folder / "dataset")
+    mark_used(folder)
     report["cache"] = {"hit": True, "dir": str(folder), "key": report["cache"]["key"], "bytes": report["cache"]["bytes"]}
     return CachedInstructDataset(data, report=report, cache_dir=folder)
 
