@@ -89,7 +89,76 @@ def test_a_failed_step_skips_its_dependants_and_the_rest_go_on(tmp_path, monkeyp
     outcomes = StudyRunner(load_study(str(path))).run(echo=lambda _: None)
     statuses = {o.step.name: o.status for o in outcomes}
     assert statuses == {"train/a": "failed", "train/b": "skipped (needs train/a)", "train/c": "done"}
-    assert not (tmp_path / "out" / "runs" / "a" / "medtune_step.json").exists()
+    assert json.loads((tmp_path / "out" / "runs" / "a" / "medtune_step.json").read_text())["status"] == "failed"
+    again = {o.step.name: o.status for o in StudyRunner(load_study(str(path))).run(echo=lambda _: None)}
+    assert again == {"train/a": "failed", "train/b": "skipped (needs train/a)", "train/c": "skipped (up to date)"}
+
+
+def _sft_study(tmp_path: Path, name: str) -> Path:
+    """One tiny full-SFT training of 8 steps with a step checkpoint every 2 steps."""
+    folder = tmp_path / name
+    folder.mkdir()
+    return write_study(
+        folder,
+        f"""
+        name: {name}
+        output_dir: {folder / 'out'}
+        runs:
+          sft:
+            recipe: recipes/full_finetune_single_device.py
+            config: configs/tiny/full_sft.yaml
+            overrides: {{max_steps_per_epoch: 8, save_every_n_steps: 2, keep_last_n_checkpoints: 2,
+                         tokenizer.max_seq_len: 128}}
+        """,
+    )
+
+
+def test_a_killed_study_resumes_its_training_from_the_last_step_checkpoint(tmp_path):
+    """`medtune study` SIGKILLed (with its `tune run`) after a step checkpoint: the next call
+    continues that training from the checkpoint, with the uninterrupted run's losses."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from components.checkpointing import RECIPE_STATE_FILE
+    from components.metric_logs import latest_log, step_losses
+    from tests.helpers import BIN
+
+    reference = _sft_study(tmp_path, "reference")
+    run_cli("medtune", ["study", str(reference)])
+    expected = step_losses(latest_log(tmp_path / "reference" / "out" / "runs" / "sft"))
+    assert sorted(expected) == list(range(1, 9))
+
+    study = _sft_study(tmp_path, "killed")
+    run_dir = tmp_path / "killed" / "out" / "runs" / "sft"
+    proc = subprocess.Popen([str(BIN / "medtune"), "study", str(study)], cwd=REPO_ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "step_4" / RECIPE_STATE_FILE).is_file():
+            assert proc.poll() is None, f"the study exited ({proc.returncode}) before step 4"
+            assert time.monotonic() < deadline, "no step checkpoint after 300 s"
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    marker = json.loads((run_dir / "medtune_step.json").read_text())
+    assert marker["status"] == "running"
+    newest = max(int(p.name[5:]) for p in run_dir.glob("step_*") if (p / RECIPE_STATE_FILE).is_file())
+    assert newest < 8, "the training was not stopped before its end"
+
+    out = run_cli("medtune", ["study", str(study)]).stdout
+    assert f"train/sft: resuming the interrupted run from {run_dir / f'step_{newest}'}" in out
+    resumed = step_losses(latest_log(run_dir))
+    assert sorted(resumed) == list(range(newest + 1, 9))
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(expected[step], abs=1e-6), (step, resumed, expected)
+    marker = json.loads((run_dir / "medtune_step.json").read_text())
+    assert marker["status"] == "done" and marker["resumed_from"] == str(run_dir / f"step_{newest}")
+    assert marker["command"][-1] == "resume_from_checkpoint=True"
+    assert "up to date, skipped" in run_cli("medtune", ["study", str(study)]).stdout
 
 
 def test_paired_difference_marks_noise_as_not_significant():

@@ -4,7 +4,11 @@ Every step is a command a user could type, run in a subprocess from the reposito
 finished step leaves `medtune_step.json` in its folder holding a key (a hash of its command, its
 config and recipe files, and the keys of the steps it builds on); the next call skips a step
 whose key is unchanged. A failed step is reported and the steps that need it are skipped, the
-others go on. An interrupted step leaves no marker, so it runs again next time.
+others go on. A step that is running, or failed, has a marker saying so: on the next call, a
+training step whose key is unchanged and whose folder holds a resumable checkpoint (``step_N``
+or ``epoch_N`` with recipe state, see ``save_every_n_steps``) continues from it with
+``resume_from_checkpoint=True`` instead of starting over; any other step runs again from a
+fresh folder.
 """
 
 import hashlib
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from components.checkpointing import resumable_checkpoints
 from components.study.spec import BASELINE, StudySpec
 
 MARKER = "medtune_step.json"
@@ -228,27 +233,46 @@ class StudyRunner:
                 outcomes.append(Outcome(step, "skipped (up to date)", command, marker.get("seconds", 0.0), marker.get("peak_rss_mb")))
                 echo(f"{prefix}: up to date, skipped")
                 continue
+            resume = self.resume_point(step, key, marker)
+            if resume is not None:
+                command = [*command, "resume_from_checkpoint=True"]
+                echo(f"{prefix}: resuming the interrupted run from {resume}")
             echo(f"{prefix}: {' '.join(command)}")
-            outcome = self._execute(step, command)
+            outcome = self._execute(step, command, key, fresh=resume is None)
             outcomes.append(outcome)
+            record = {"key": key, "status": outcome.status, "command": command,
+                      "seconds": outcome.seconds, "peak_rss_mb": outcome.peak_rss_mb}
+            if resume is not None:
+                record["resumed_from"] = str(resume)
+            self._write_marker(step, record)
             if outcome.status == "done":
-                self._write_marker(step, {"key": key, "status": "done", "command": command,
-                                          "seconds": outcome.seconds, "peak_rss_mb": outcome.peak_rss_mb})
                 echo(f"{prefix}: done in {outcome.seconds:.0f} s")
             else:
                 failed.append(step.name)
                 echo(f"{prefix}: FAILED ({outcome.message}); log: {step.output_dir / 'medtune_step.log'}")
         return outcomes
 
-    def _execute(self, step: Step, command: List[str]) -> Outcome:
-        """Run one command into a fresh folder, logging its output; record time and peak RSS."""
-        if step.output_dir.exists():
+    def resume_point(self, step: Step, key: str, marker: Optional[Dict[str, Any]]) -> Optional[Path]:
+        """The checkpoint an interrupted or failed run of this very step (same key) left, if any:
+        training steps run through ``tune run`` only (a custom command's flags are unknown)."""
+        if step.kind != "train" or self.spec.runs[step.run].command:
+            return None
+        if not marker or marker.get("key") != key or marker.get("status") not in ("running", "failed"):
+            return None
+        found = resumable_checkpoints(step.output_dir)
+        return found[-1][1] if found else None
+
+    def _execute(self, step: Step, command: List[str], key: str, fresh: bool = True) -> Outcome:
+        """Run one command, in a fresh folder unless it resumes one, logging its output (appended
+        when resuming); mark the step running meanwhile; record time and peak RSS."""
+        if fresh and step.output_dir.exists():
             shutil.rmtree(step.output_dir)
-        step.output_dir.mkdir(parents=True)
+        step.output_dir.mkdir(parents=True, exist_ok=True)
+        self._write_marker(step, {"key": key, "status": "running", "command": command})
         executable = Path(sys.executable).parent / command[0]
         argv = [str(executable) if executable.exists() else command[0], *command[1:]]
         started = time.perf_counter()
-        with open(step.output_dir / "medtune_step.log", "w") as log:
+        with open(step.output_dir / "medtune_step.log", "w" if fresh else "a") as log:
             env = {**os.environ, **self.spec.env}
             proc = subprocess.Popen(argv, cwd=self.repo, env=env, stdout=log, stderr=subprocess.STDOUT)
             try:
