@@ -2,9 +2,10 @@
 
 torchtune reads a config lazily: a misspelled optional key (``save_every_n_step``) is silently
 ignored, and a bad ``_component_`` or argument fails only when the recipe reaches it, maybe after
-the model has loaded. :func:`check_recipe_config`, called first thing in ``recipe_main``, finds
-every such problem at once and raises :class:`ConfigCheckError` naming the config file, the
-dotted key and the closest valid name (``difflib``):
+the model has loaded. :func:`check_recipe_config` finds every such problem at once and raises
+:class:`ConfigCheckError` naming the config file, the dotted key and the closest valid name
+(``difflib``); recipes call :func:`exit_on_config_problems` first thing in ``recipe_main``, which
+prints them and exits before any work:
 
 1. Top-level keys: the keys the recipe reads, found by parsing its source (``cfg.x``,
    ``cfg.get("x")``, ``cfg["x"]``, ``"x" in cfg`` on every name a ``cfg`` parameter or
@@ -252,13 +253,20 @@ def config_problems(
 
 
 def check_recipe_config(cfg: DictConfig, recipe_file: Union[str, Path], config_file: Optional[str] = None) -> None:
-    """Raise :class:`ConfigCheckError` listing every unknown key and bad component of ``cfg``.
-
-    Call it first in ``recipe_main`` as ``check_recipe_config(cfg, __file__)``: the config file
-    is then taken from the ``--config`` argument of ``tune run``.
-    """
+    """Raise :class:`ConfigCheckError` listing every unknown key and bad component of ``cfg``;
+    without ``config_file``, the config file is the ``--config`` argument of ``tune run``."""
     config_file = config_file or config_file_from_argv()
     file_cfg = OmegaConf.load(config_file) if config_file and Path(config_file).is_file() else None
     problems = config_problems(cfg, recipe_file, file_cfg)
     if problems:
         raise ConfigCheckError(problems, config_file)
+
+
+def exit_on_config_problems(cfg: DictConfig, recipe_file: Union[str, Path]) -> None:
+    """First thing in ``recipe_main``: :func:`check_recipe_config`, and on problems print them
+    and exit with status 2 before any work, without a traceback through torchtune's wrapper."""
+    try:
+        check_recipe_config(cfg, recipe_file)
+    except ConfigCheckError as error:
+        print(f"{error}\nNothing was run: fix the config or the command line.", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -54,7 +54,7 @@ from torchtune.modules.transforms.tokenizers import ModelTokenizer
 from torchtune.recipe_interfaces import EvalRecipeInterface
 from torchtune.training import FullModelTorchTuneCheckpointer
 
-from components.config_check import check_recipe_config
+from components.config_check import exit_on_config_problems
 from components.evaluation.runner import format_summary, run_tasks, TASKS_DIR
 
 MIN_LM_EVAL = "0.4.5"
@@ -467,7 +467,7 @@ class EleutherEvalRecipe(EvalRecipeInterface):
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point for the recipe."""
-    check_recipe_config(cfg, __file__)  # medtune: every unknown key or component, before any work
+    exit_on_config_problems(cfg, __file__)  # medtune: every unknown key or component, before any work
     config.log_config(recipe_name="EleutherEvalRecipe", cfg=cfg)
     recipe = EleutherEvalRecipe(cfg=cfg)
     recipe.setup(cfg=cfg)

@@ -93,7 +93,7 @@ from components.checkpointing import (
     write_atomically,
     write_with_checkpointer,
 )
-from components.config_check import check_recipe_config
+from components.config_check import exit_on_config_problems
 
 log = utils.get_logger("DEBUG")
 
@@ -1188,7 +1188,7 @@ def recipe_main(cfg: DictConfig) -> None:
         - Parameters specified in config (see available configs through ``tune ls``)
         - Overwritten by arguments from the command-line
     """
-    check_recipe_config(cfg, __file__)  # medtune: every unknown key or component, before any work
+    exit_on_config_problems(cfg, __file__)  # medtune: every unknown key or component, before any work
     if not training.is_distributed():
         raise RuntimeError(
             "Distributed finetune recipe should be run via a distributed launcher."
