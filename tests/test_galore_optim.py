@@ -232,3 +232,233 @@ def test_adamw8bit_says_it_needs_cuda_on_cpu():
         pytest.skip("a CUDA machine runs the 8-bit optimizer")
     with pytest.raises(RuntimeError, match="CUDA only.*galore_adamw"):
         galore_adamw8bit(make_model().named_parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# svd="randomized": the projection update by a seeded randomized range finder
+# --------------------------------------------------------------------------------------------
+
+from galore_torch.galore_projector import GaLoreProjector  # noqa: E402
+
+from components.optim.galore import RandomizedGaLoreProjector, projector_from_dict  # noqa: E402
+
+
+def gapped(m: int, n: int, rank: int, gap: float = 100.0, seed: int = 0) -> torch.Tensor:
+    """An m x n fp32 matrix with singular values 10 .. 1 (log-spaced), divided by ``gap`` after
+    the first ``rank``: a decaying spectrum with a clear gap at ``rank``."""
+    generator = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    u = torch.linalg.qr(torch.randn(m, k, generator=generator, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(n, k, generator=generator, dtype=torch.float64)).Q
+    s = torch.logspace(1, 0, k, dtype=torch.float64)
+    s[rank:] /= gap
+    return ((u * s) @ v.T).float()
+
+
+def as_list(matrices):
+    return list(matrices) if isinstance(matrices, list) else [matrices]
+
+
+def subspace_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
+    """Spectral norm of the difference of the orthogonal projectors onto the two subspaces (the
+    sine of the largest principal angle); rows or columns, whichever is the short side."""
+    e, a = expected.double(), actual.double()
+    if e.shape[0] < e.shape[1]:
+        e, a = e.T, a.T
+    return torch.linalg.matrix_norm(e @ e.T - a @ a.T, ord=2).item()
+
+
+SHAPES = [(96, 40), (40, 96), (64, 64)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["tall", "wide", "square"])
+@pytest.mark.parametrize("kind", ["left", "right", "full"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_randomized_projection_spans_the_exact_top_subspace(shape, kind, dtype):
+    matrix = gapped(*shape, RANK).to(dtype)
+    exact = GaLoreProjector(RANK).get_orthogonal_matrix(matrix, RANK, kind)
+    randomized = RandomizedGaLoreProjector(RANK).get_orthogonal_matrix(matrix, RANK, kind)
+    assert isinstance(randomized, list) == (kind == "full")
+    tolerance = 1e-3 if dtype == torch.float32 else 3e-2  # bf16: the outputs' own rounding
+    for e, r in zip(as_list(exact), as_list(randomized), strict=True):
+        assert (r.shape, r.dtype, r.device) == (e.shape, e.dtype, e.device)
+        assert subspace_error(e, r) < tolerance
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize("shape, rank", [((6, 20), RANK), ((20, 6), RANK), ((24, 16), 12)])
+def test_randomized_projection_shapes_and_dtypes_equal_galore_torch_even_at_full_rank(dtype, shape, rank):
+    """rank >= the short side (the sketch is then the whole range), and rank + oversample above
+    it: the same shapes and dtypes as galore-torch's, and still the same subspace."""
+    matrix = torch.randn(*shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    for kind in ("left", "right", "full"):
+        exact = as_list(GaLoreProjector(rank).get_orthogonal_matrix(matrix, rank, kind))
+        randomized = as_list(RandomizedGaLoreProjector(rank).get_orthogonal_matrix(matrix, rank, kind))
+        assert [(r.shape, r.dtype) for r in randomized] == [(e.shape, e.dtype) for e in exact]
+        if rank >= min(shape) and dtype != torch.bfloat16:
+            for e, r in zip(exact, randomized):
+                assert subspace_error(e, r) < 1e-4
+
+
+def test_randomized_projection_is_deterministic_and_leaves_the_global_rng_alone():
+    matrix = gapped(64, 40, RANK)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = RandomizedGaLoreProjector(RANK, seed=7).get_orthogonal_matrix(matrix, RANK, "full")
+    second = RandomizedGaLoreProjector(RANK, seed=7).get_orthogonal_matrix(matrix, RANK, "full")
+    assert torch.equal(torch.get_rng_state(), before), "the projection drew from the global RNG"
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    # the sketch is the parameter's: another seed draws another one
+    other = RandomizedGaLoreProjector(RANK, seed=8).get_orthogonal_matrix(matrix, RANK, "left")
+    assert not torch.equal(other, first[0])
+    # through galore-torch's project() (std on a tall matrix: 'right'), at any step
+    projector = RandomizedGaLoreProjector(RANK, proj_type="std", seed=7)
+    projector.project(matrix, 4)
+    assert torch.equal(projector.ortho_matrix, first[1])
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_randomized_projection_keeps_signs_when_the_subspace_drifts_slowly():
+    """Why the sketch does not change between updates: galore-torch carries Adam's moments over
+    a projection update in the old basis, so a vector whose sign flipped would have its momentum
+    negated. Like torch.linalg.svd, the fixed-sketch projection keeps the signs."""
+    matrix, generator = gapped(96, 40, RANK, gap=10.0), torch.Generator().manual_seed(5)
+    projector, previous = RandomizedGaLoreProjector(RANK, seed=3), None
+    for _ in range(5):
+        matrix = matrix + 1e-3 * torch.randn(matrix.shape, generator=generator)
+        basis = projector.get_orthogonal_matrix(matrix, RANK, "right")
+        if previous is not None:
+            overlaps = (previous * basis).sum(dim=1)
+            assert (overlaps > 0.99).all(), overlaps
+        previous = basis
+
+
+def test_optimizer_step_with_a_projection_update_leaves_the_global_rng_alone():
+    model = make_model()
+    optimizer = galore_adamw(model.named_parameters(), lr=1e-3, rank=RANK, update_proj_gap=GAP, svd="randomized")
+    loss_of(model, batches(1)[0]).backward()
+    before = torch.get_rng_state()
+    optimizer.step()
+    assert torch.equal(torch.get_rng_state(), before)
+    projectors = [s["projector"] for s in optimizer.state.values() if "projector" in s]
+    assert len(projectors) == 4 * 7 and all(isinstance(p, RandomizedGaLoreProjector) for p in projectors)
+    assert len({p.seed for p in projectors}) == len(projectors)
+    assert all((p.oversample, p.power_iters) == (8, 2) for p in projectors)
+
+
+@pytest.mark.parametrize(
+    "builder, proj_type, layerwise",
+    [
+        (galore_adamw, "std", False),
+        (galore_adamw, "std", True),
+        (galore_adamw, "full", False),
+        (galore_adafactor, "std", True),
+    ],
+    ids=["adamw", "adamw-layerwise", "adamw-full-projection", "adafactor-layerwise"],
+)
+def test_randomized_state_survives_weights_only_save_and_load(builder, proj_type, layerwise):
+    """Stop after 3 steps (state step 3), reload, continue over the updates at steps 4 and 6:
+    bit-identical to the run that never stopped (a sketch is a function of the parameter's name,
+    not of a generator's position)."""
+    kwargs = dict(
+        lr=1e-3, rank=RANK, update_proj_gap=GAP, proj_type=proj_type, layerwise=layerwise,
+        svd="randomized", svd_oversample=4, svd_power_iters=1,
+    )
+    data = batches(7)
+    straight = make_model()
+    straight_opt = builder(straight.named_parameters(), **kwargs)
+    train(straight, straight_opt, data, steps_in_backward=layerwise)
+
+    first = make_model()
+    first_opt = builder(first.named_parameters(), **kwargs)
+    train(first, first_opt, data[:3], steps_in_backward=layerwise)
+    saved_model, saved_opt = roundtrip(first.state_dict()), roundtrip(first_opt.state_dict())
+    if layerwise:
+        first_opt.remove_hooks()
+        projector = saved_opt["layers.0.attn.q_proj.weight"]["state"][0]["projector"]
+    else:
+        projector = saved_opt["state"][saved_opt["param_groups"][1]["params"][0]]["projector"]
+    assert (projector["svd"], projector["svd_oversample"], projector["svd_power_iters"]) == ("randomized", 4, 1)
+    assert isinstance(projector["svd_seed"], int)
+
+    torch.manual_seed(999)  # the resumed process's global RNG is elsewhere: must not matter
+    resumed = make_model()
+    resumed.load_state_dict(saved_model)
+    resumed_opt = builder(resumed.named_parameters(), **kwargs)
+    resumed_opt.load_state_dict(saved_opt)
+    train(resumed, resumed_opt, data[3:], steps_in_backward=layerwise)
+    for (name, expected), (_, actual) in zip(straight.named_parameters(), resumed.named_parameters()):
+        torch.testing.assert_close(actual, expected, atol=0, rtol=0, msg=name)
+
+
+def test_randomized_is_the_same_in_both_modes_and_trains_like_full():
+    """Seeds come from parameter names, so one optimizer and the layer-wise mode compute the same
+    sketches. Against the full SVD the weights differ (on these random batches consecutive
+    top-8 subspaces barely overlap, so any other basis, even the exact one with other signs,
+    moves the run elsewhere); the loss reached is what to compare."""
+    data = batches(STEPS)
+    runs, losses = {}, {}
+    for name, svd, layerwise in [("one", "randomized", False), ("layerwise", "randomized", True), ("full", "full", False)]:
+        model = make_model()
+        optimizer = galore_adamw(
+            model.named_parameters(), rank=RANK, update_proj_gap=GAP, svd=svd, layerwise=layerwise, **ADAMW
+        )
+        train(model, optimizer, data, steps_in_backward=layerwise)
+        with torch.no_grad():
+            losses[name] = sum(loss_of(model, tokens).item() for tokens in data) / len(data)
+        runs[name] = dict(model.named_parameters())
+    for name, expected in runs["one"].items():
+        torch.testing.assert_close(runs["layerwise"][name], expected, atol=ATOL, rtol=0, msg=name)
+    q = "layers.0.attn.q_proj.weight"
+    assert not torch.equal(runs["full"][q], runs["one"][q])  # really another code path
+    with torch.no_grad():
+        untrained = sum(loss_of(make_model(), tokens).item() for tokens in data) / len(data)
+    assert losses["one"] < untrained - 0.1 and losses["full"] < untrained - 0.1, (untrained, losses)
+    assert abs(losses["one"] - losses["full"]) < 0.1 * (untrained - losses["full"]), (untrained, losses)
+
+
+def test_a_checkpoint_from_before_the_svd_option_loads_as_full():
+    """Projector dicts and param groups without the svd keys: galore-torch's projector, and the
+    run continues exactly as the full-SVD run that never stopped."""
+    kwargs = dict(lr=1e-3, rank=RANK, update_proj_gap=GAP)
+    data = batches(6)
+    straight = make_model()
+    train(straight, galore_adamw(straight.named_parameters(), **kwargs), data, steps_in_backward=False)
+
+    first = make_model()
+    first_opt = galore_adamw(first.named_parameters(), **kwargs)
+    train(first, first_opt, data[:3], steps_in_backward=False)
+    saved_opt = roundtrip(first_opt.state_dict())
+    for group in saved_opt["param_groups"]:
+        for key in ("svd", "svd_oversample", "svd_power_iters"):
+            group.pop(key, None)
+    for param_state in saved_opt["state"].values():
+        if "projector" in param_state:
+            param_state["projector"].pop("svd")
+    old = next(s["projector"] for s in saved_opt["state"].values() if "projector" in s)
+    assert type(projector_from_dict(old)) is GaLoreProjector
+
+    resumed = make_model()
+    resumed.load_state_dict(roundtrip(first.state_dict()))
+    resumed_opt = galore_adamw(resumed.named_parameters(), svd="randomized", **kwargs)
+    resumed_opt.load_state_dict(saved_opt)  # the checkpoint's settings win, as torch's do
+    assert resumed_opt.param_groups[1]["svd"] == "full"
+    train(resumed, resumed_opt, data[3:], steps_in_backward=False)
+    assert all(type(s["projector"]) is GaLoreProjector for s in resumed_opt.state.values() if "projector" in s)
+    for (name, expected), (_, actual) in zip(straight.named_parameters(), resumed.named_parameters()):
+        torch.testing.assert_close(actual, expected, atol=0, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(svd="fast"), r"svd must be 'full' or 'randomized', got 'fast'"),
+        (dict(svd="randomized", svd_oversample=-1), r"svd_oversample must be an integer >= 0, got -1"),
+        (dict(svd="randomized", svd_power_iters=-2), r"svd_power_iters must be an integer >= 0, got -2"),
+        (dict(svd="randomized", svd_power_iters=1.5), r"svd_power_iters must be an integer >= 0, got 1.5"),
+    ],
+)
+@pytest.mark.parametrize("builder", [galore_adamw, galore_adafactor])
+def test_bad_svd_settings_are_refused_by_name(builder, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        builder(make_model().named_parameters(), **kwargs)

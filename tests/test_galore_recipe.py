@@ -124,6 +124,22 @@ def test_a_killed_run_resumes_with_the_same_losses(trained, tmp_path):
         assert loss == pytest.approx(expected[step], abs=1e-6), (step, resumed, expected)
 
 
+def test_randomized_svd_through_the_cli_loss_falls_and_checkpoints_say_randomized(tmp_path):
+    """optimizer.svd=randomized with a projection update every 4 steps (four updates in 16)."""
+    output_dir = tmp_path / "randomized"
+    run_cli("tune", command_for("galore", output_dir, "optimizer.svd=randomized", "optimizer.update_proj_gap=4"))
+    losses = step_losses(latest_log(output_dir))
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    values = [losses[s] for s in sorted(losses)]
+    assert sum(values[-4:]) / 4 < sum(values[:4]) / 4 - 0.3, values
+    optimizer = torch.load(output_dir / "step_12" / "recipe_state.pt", weights_only=True)["optimizer"]
+    projected = optimizer["param_groups"][1]
+    assert (projected["svd"], projected["svd_oversample"], projected["svd_power_iters"]) == ("randomized", 8, 2)
+    projectors = [optimizer["state"][i]["projector"] for i in projected["params"]]
+    assert len(projectors) == 4 * 7 and {p["svd"] for p in projectors} == {"randomized"}
+    assert len({p["svd_seed"] for p in projectors}) == 4 * 7
+
+
 def test_a_nan_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(tmp_path):
     output_dir = tmp_path / "nan"
     # One step of 1e30 sends the weights past float32's range: the next loss is NaN or inf.

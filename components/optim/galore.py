@@ -12,6 +12,7 @@ A config names one of these as its ``optimizer._component_``; the GaLore recipe
       scale: 0.25
       proj_type: std
       layerwise: False       # True: step each parameter inside backward (see layerwise.py)
+      svd: full              # or randomized: top-rank vectors by a seeded randomized range finder
 
 The weights of the named target modules (by default the study's q/k/v/o and the three MLP
 projections: torchtune's ``q_proj k_proj v_proj output_proj w1 w2 w3``) get GaLore's low-rank
@@ -24,10 +25,15 @@ model's modules when a target matches nothing), the layer-wise mode, and optimiz
 saves and loads with ``torch.load(weights_only=True)``: galore-torch keeps a ``GaLoreProjector``
 Python object in each parameter's state, which torchtune's recipe-state loading refuses. Here
 ``state_dict()`` writes each projector as a plain dict (its settings and its projection matrix)
-and ``load_state_dict()`` rebuilds it.
+and ``load_state_dict()`` rebuilds it. And ``svd="randomized"``: the projection update (every
+``update_proj_gap`` steps) finds the top-``rank`` singular vectors of the gradient with a randomized
+range finder (Halko, Martinsson & Tropp 2011) instead of galore-torch's full ``torch.linalg.svd``;
+see :class:`RandomizedGaLoreProjector`. ``svd="full"`` (the default) is galore-torch's own step.
 """
 
+import functools
 import logging
+import zlib
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -45,6 +51,10 @@ log = logging.getLogger(__name__)
 # "o_proj", "gate_proj", "up_proj", "down_proj" in Hugging Face naming).
 GALORE_TARGETS: Tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3")
 PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
+SVD_MODES = ("full", "randomized")
+# Base of every randomized projection's seed (mixed with the parameter's name).
+SVD_SEED = 0x6A10_5E5D
+_MASK64 = (1 << 64) - 1
 
 NamedParams = Iterable[Tuple[str, nn.Parameter]]
 
@@ -55,27 +65,159 @@ NamedParams = Iterable[Tuple[str, nn.Parameter]]
 # --------------------------------------------------------------------------------------------
 
 
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def parameter_seed(name: str) -> int:
+    """The randomized projector's seed for the parameter called ``name`` (stable across runs,
+    processes and the layer-wise / one-optimizer modes; Python's ``hash`` of a str is not)."""
+    return _splitmix64(SVD_SEED ^ zlib.crc32(name.encode("utf-8")))
+
+
+def randomized_svd(
+    matrix: torch.Tensor, rank: int, oversample: int, power_iters: int, generator: torch.Generator
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top singular triplets of ``matrix`` (m x n) by a randomized range finder.
+
+    ``U`` (m x k), ``s`` (k), ``Vh`` (k x n) with ``k = min(rank + oversample, m, n)``, so their
+    first ``min(rank, m, n)`` columns / rows are what ``torch.linalg.svd(matrix)``'s are, up to
+    sign and the sketch's error. Halko, Martinsson & Tropp (2011), algorithms 4.4 and 5.1: an
+    orthonormal basis ``Q`` of ``matrix @ omega`` (``omega`` Gaussian, n x k, drawn from
+    ``generator`` only), ``power_iters`` power iterations with a QR after each product, then an
+    exact SVD of the small ``Q^T @ matrix`` (k x n).
+    """
+    m, n = matrix.shape
+    k = min(int(rank) + int(oversample), m, n)
+    omega = torch.randn(n, k, generator=generator, device=matrix.device, dtype=matrix.dtype)
+    q = torch.linalg.qr(matrix @ omega).Q
+    for _ in range(int(power_iters)):
+        z = torch.linalg.qr(matrix.mT @ q).Q
+        q = torch.linalg.qr(matrix @ z).Q
+    u_small, s, vh = torch.linalg.svd(q.mT @ matrix, full_matrices=False)
+    return q @ u_small, s, vh
+
+
+class RandomizedGaLoreProjector(GaLoreProjector):
+    """galore-torch's ``GaLoreProjector`` whose projection update is a randomized SVD.
+
+    ``get_orthogonal_matrix`` returns what galore-torch's returns for the same ``type`` (``right``:
+    the top-``rank`` rows of ``Vh``; ``left``: the top-``rank`` columns of ``U``; ``full``: both;
+    none scaled by the singular values; computed in fp32 and cast back to the gradient's dtype
+    when that is not fp32), but from :func:`randomized_svd` with ``rank + oversample`` sketch
+    columns and ``power_iters`` power iterations.
+
+    The sketch is drawn from its own ``torch.Generator`` on the gradient's device, seeded from
+    ``seed`` alone (the parameter's, see :func:`parameter_seed`): the global RNG (dropout, data
+    order) is never touched, a run resumed from a checkpoint computes the same projections as one
+    that was never stopped, and every update of a parameter uses the same Gaussian test matrix.
+    That last point is deliberate: the result is then a deterministic, continuous function of the
+    gradient, as LAPACK's SVD is, so when the top subspace moves little between updates the new
+    singular vectors keep the old ones' signs. galore-torch carries Adam's moments across an
+    update in the old basis's coordinates; a fresh sketch per update would flip about half the
+    vectors' signs each time, negating those directions' momentum (measured on a 512 x 256
+    matrix drifting by small steps, top 16 of rank 32, 9 updates: 64 of 144 flips with a fresh
+    sketch, 0 to 3 with ``torch.linalg.svd``, 0 with the fixed sketch).
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        verbose: bool = False,
+        update_proj_gap: int = 200,
+        scale: float = 1.0,
+        proj_type: str = "std",
+        oversample: int = 8,
+        power_iters: int = 2,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(rank, verbose=verbose, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type)
+        self.oversample = int(oversample)
+        self.power_iters = int(power_iters)
+        self.seed = int(seed)
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """A fresh generator for one update's sketch: a function of ``seed`` only."""
+        return torch.Generator(device=device).manual_seed(_splitmix64(self.seed) & ((1 << 63) - 1))
+
+    def get_orthogonal_matrix(self, weights, rank, type):  # noqa: A002 - galore-torch's names
+        if type not in ("right", "left", "full"):
+            raise ValueError("type should be left, right or full")
+        # the dtype handling of galore-torch's get_orthogonal_matrix, line for line
+        module_params = weights
+        if module_params.data.dtype != torch.float:
+            float_data = False
+            original_type = module_params.data.dtype
+            original_device = module_params.data.device
+            matrix = module_params.data.float()
+        else:
+            float_data = True
+            matrix = module_params.data
+
+        generator = self.generator(matrix.device)
+        U, _, Vh = randomized_svd(matrix, rank, self.oversample, self.power_iters, generator)
+
+        if type == "right":
+            B = Vh[:rank, :]
+            if not float_data:
+                B = B.to(original_device).type(original_type)
+            return B
+        if type == "left":
+            A = U[:, :rank]
+            if not float_data:
+                A = A.to(original_device).type(original_type)
+            return A
+        A = U[:, :rank]
+        B = Vh[:rank, :]
+        if not float_data:
+            A = A.to(original_device).type(original_type)
+            B = B.to(original_device).type(original_type)
+        return [A, B]
+
+
 def projector_to_dict(projector: GaLoreProjector) -> Dict[str, Any]:
     """A ``GaLoreProjector`` as a dict of plain values and its projection matrix (or matrices)."""
-    return {
+    data = {
         "rank": projector.rank,
         "update_proj_gap": projector.update_proj_gap,
         "scale": projector.scale,
         "proj_type": projector.proj_type,
         "verbose": projector.verbose,
         "ortho_matrix": projector.ortho_matrix,  # a tensor, [left, right] for "full", or None
+        "svd": "full",
     }
+    if isinstance(projector, RandomizedGaLoreProjector):
+        data.update(
+            svd="randomized",
+            svd_oversample=projector.oversample,
+            svd_power_iters=projector.power_iters,
+            svd_seed=projector.seed,
+        )
+    return data
 
 
 def projector_from_dict(data: Dict[str, Any], device: Optional[torch.device] = None) -> GaLoreProjector:
-    """The inverse of :func:`projector_to_dict`; the matrix keeps its saved dtype."""
-    projector = GaLoreProjector(
-        data["rank"],
+    """The inverse of :func:`projector_to_dict`; the matrix keeps its saved dtype. A dict without
+    ``svd`` (saved before medtune had the option) is galore-torch's full-SVD projector."""
+    svd = data.get("svd", "full")
+    settings = dict(
         verbose=data.get("verbose", False),
         update_proj_gap=data["update_proj_gap"],
         scale=data["scale"],
         proj_type=data["proj_type"],
     )
+    if svd == "full":
+        projector = GaLoreProjector(data["rank"], **settings)
+    elif svd == "randomized":
+        projector = RandomizedGaLoreProjector(
+            data["rank"], oversample=data["svd_oversample"], power_iters=data["svd_power_iters"],
+            seed=data["svd_seed"], **settings,
+        )
+    else:
+        raise ValueError(f"saved projector has svd={svd!r}; expected one of {SVD_MODES}")
     matrix = data["ortho_matrix"]
     if isinstance(matrix, torch.Tensor):
         matrix = matrix.to(device) if device is not None else matrix
@@ -86,12 +228,44 @@ def projector_from_dict(data: Dict[str, Any], device: Optional[torch.device] = N
 
 
 class _SerializableProjectors:
-    """Mixin for galore-torch optimizers: projectors in ``state_dict()`` as plain data.
+    """Mixin for galore-torch optimizers: projectors in ``state_dict()`` as plain data, and the
+    randomized projector for groups with ``svd="randomized"``.
 
     The projectors are taken out before ``torch.optim.Optimizer.load_state_dict`` sees them: it
     deep-copies state by rebuilding every iterable with ``type(value)(...)``, which would turn a
     string such as ``proj_type`` into the text of a generator.
+
+    galore-torch's ``step()`` creates a ``GaLoreProjector`` for a parameter only when its state
+    has none yet; ``step()`` here first puts a :class:`RandomizedGaLoreProjector` there for every
+    parameter (with a gradient) of a ``svd="randomized"`` group, then runs galore-torch's step
+    unchanged. A group without an ``svd`` key (built or saved before the option) is ``full``.
     """
+
+    def step(self, closure=None):
+        self._add_randomized_projectors()
+        return super().step(closure)
+
+    def _add_randomized_projectors(self) -> None:
+        position = 0
+        for group in self.param_groups:
+            params = group["params"]
+            randomized = "rank" in group and group.get("svd", "full") == "randomized"
+            if randomized:
+                names = group.get("param_names") or [None] * len(params)
+                for index, (param, name) in enumerate(zip(params, names)):
+                    if param.grad is None or "projector" in self.state.get(param, {}):
+                        continue
+                    self.state[param]["projector"] = RandomizedGaLoreProjector(
+                        group["rank"],
+                        update_proj_gap=group["update_proj_gap"],
+                        scale=group["scale"],
+                        proj_type=group["proj_type"],
+                        oversample=group.get("svd_oversample", 8),
+                        power_iters=group.get("svd_power_iters", 2),
+                        # by name where the group has names (the same in both modes), else position
+                        seed=parameter_seed(name if name is not None else f"#{position + index}"),
+                    )
+            position += len(params)
 
     def state_dict(self) -> Dict[str, Any]:
         state_dict = super().state_dict()
@@ -105,6 +279,7 @@ class _SerializableProjectors:
         return {**state_dict, "state": state}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        asked = [group.get("svd", "full") for group in self.param_groups]
         projectors, state = {}, {}
         for key, param_state in state_dict["state"].items():
             if "projector" in param_state:
@@ -120,6 +295,22 @@ class _SerializableProjectors:
             param = by_id[key]
             projector = data if isinstance(data, GaLoreProjector) else projector_from_dict(data, param.device)
             self.state[param]["projector"] = projector
+        # torch takes the group settings from the saved state (as for lr, rank, ...)
+        for group, wanted in zip(self.param_groups, asked):
+            if "rank" not in group:
+                continue
+            if "svd" not in group:  # saved before the option: galore-torch's full SVD
+                group.update(svd="full", svd_oversample=8, svd_power_iters=2)
+            if group["svd"] != wanted:
+                _warn_svd_mismatch(group["svd"], wanted)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_svd_mismatch(saved: str, wanted: str) -> None:  # once per process, not per parameter
+    log.warning(
+        "the loaded optimizer state was saved with svd=%r and continues with it (this "
+        "optimizer was built with svd=%r; torch keeps a checkpoint's group settings)", saved, wanted,
+    )
 
 
 class GaLoreAdamW(_SerializableProjectors, galore_torch.GaLoreAdamW):
@@ -192,18 +383,38 @@ def _as_named(named_params: NamedParams) -> List[Tuple[str, nn.Parameter]]:
     return named
 
 
-def _galore_group(rank: int, update_proj_gap: int, scale: float, proj_type: str) -> Dict[str, Any]:
+def _galore_group(
+    rank: int,
+    update_proj_gap: int,
+    scale: float,
+    proj_type: str,
+    svd: str = "full",
+    svd_oversample: int = 8,
+    svd_power_iters: int = 2,
+) -> Dict[str, Any]:
     if int(rank) < 1:
         raise ValueError(f"GaLore rank must be at least 1, got {rank}")
     if int(update_proj_gap) < 1:
         raise ValueError(f"update_proj_gap must be at least 1, got {update_proj_gap}")
     if proj_type not in PROJ_TYPES:
         raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
+    if svd not in SVD_MODES:
+        raise ValueError(f"svd must be 'full' or 'randomized', got {svd!r}")
+    for name, value in (("svd_oversample", svd_oversample), ("svd_power_iters", svd_power_iters)):
+        try:
+            valid = not isinstance(value, bool) and int(value) == value and value >= 0
+        except (TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     return {
         "rank": int(rank),
         "update_proj_gap": int(update_proj_gap),
         "scale": float(scale),
         "proj_type": str(proj_type),
+        "svd": str(svd),
+        "svd_oversample": int(svd_oversample),
+        "svd_power_iters": int(svd_power_iters),
     }
 
 
@@ -272,6 +483,9 @@ def galore_adamw(
     proj_type: str = "std",
     target_modules: Sequence[str] = GALORE_TARGETS,
     layerwise: bool = False,
+    svd: str = "full",
+    svd_oversample: int = 8,
+    svd_power_iters: int = 2,
 ) -> Optimizer:
     """GaLore AdamW (galore-torch's) over ``model.named_parameters()``.
 
@@ -289,8 +503,15 @@ def galore_adamw(
             stepped by plain AdamW in the same optimizer.
         layerwise: one optimizer per parameter, stepped in the parameter's post-accumulate-grad
             hook during backward (see :class:`components.optim.LayerwiseOptimizer`).
+        svd: how a projection update finds the gradient's top-``rank`` singular vectors:
+            ``full`` (galore-torch's ``torch.linalg.svd`` of the whole gradient, the study's) or
+            ``randomized`` (:class:`RandomizedGaLoreProjector`: a seeded randomized range
+            finder, a fraction of the FLOPs; the same subspace up to the sketch's error).
+        svd_oversample: extra sketch columns beyond ``rank`` (``randomized`` only).
+        svd_power_iters: power iterations of the range finder (``randomized`` only); more
+            sharpen the subspace when the spectrum decays slowly.
     """
-    settings = _galore_group(rank, update_proj_gap, scale, proj_type)
+    settings = _galore_group(rank, update_proj_gap, scale, proj_type, svd, svd_oversample, svd_power_iters)
     kwargs = dict(
         lr=float(lr), betas=tuple(float(b) for b in betas), eps=float(eps),
         weight_decay=float(weight_decay), correct_bias=bool(correct_bias),
@@ -315,6 +536,9 @@ def galore_adafactor(
     proj_type: str = "std",
     target_modules: Sequence[str] = GALORE_TARGETS,
     layerwise: bool = False,
+    svd: str = "full",
+    svd_oversample: int = 8,
+    svd_power_iters: int = 2,
 ) -> Optimizer:
     """GaLore Adafactor (galore-torch's) over ``model.named_parameters()``.
 
@@ -322,7 +546,7 @@ def galore_adafactor(
     Hugging Face Trainer sets them for ``galore_adafactor``. Other arguments as
     :func:`galore_adamw`.
     """
-    settings = _galore_group(rank, update_proj_gap, scale, proj_type)
+    settings = _galore_group(rank, update_proj_gap, scale, proj_type, svd, svd_oversample, svd_power_iters)
     kwargs = dict(
         lr=float(lr), eps=tuple(float(e) for e in eps), clip_threshold=float(clip_threshold),
         decay_rate=float(decay_rate), beta1=None if beta1 is None else float(beta1),
@@ -344,6 +568,9 @@ def galore_adamw8bit(
     proj_type: str = "std",
     target_modules: Sequence[str] = GALORE_TARGETS,
     layerwise: bool = False,
+    svd: str = "full",
+    svd_oversample: int = 8,
+    svd_power_iters: int = 2,
 ) -> Optimizer:
     """GaLore AdamW with 8-bit states (galore-torch's, on bitsandbytes): CUDA only.
 
@@ -352,7 +579,7 @@ def galore_adamw8bit(
     """
     named = _as_named(params)
     _check_cuda(named, "components.optim.galore_adamw8bit")
-    settings = _galore_group(rank, update_proj_gap, scale, proj_type)
+    settings = _galore_group(rank, update_proj_gap, scale, proj_type, svd, svd_oversample, svd_power_iters)
     kwargs = dict(
         lr=float(lr), betas=tuple(float(b) for b in betas), eps=float(eps),
         weight_decay=float(weight_decay),
