@@ -19,17 +19,14 @@ folder, in ``packed/packs-<max_seq_len>-<key>``, the key a SHA-256 of the source
 version. A build happens in a temporary folder next to it, ``report.json`` is written last and the
 folder is renamed into place: a killed build leaves nothing that looks complete (its temporary
 folder is removed by the next build); a second process after the same packs waits for the first
-(:func:`~components.data.pipeline.build_lock`). The next run memory-maps the packs without packing.
+(:func:`~components.data.pipeline.build_once`). The next run memory-maps the packs without packing.
 """
 
 import bisect
 import hashlib
 import json
 import operator
-import os
-import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
@@ -381,7 +378,7 @@ def cached_packs(
         cache_dir: where the packed folders live. Default: ``<ds.cache_dir>/packed``.
         source_key: what identifies the source's items. Default: ``ds.report["cache"]["key"]``.
     """
-    from components.data.pipeline import _host, build_lock, folder_bytes, remove_stale_builds
+    from components.data.pipeline import _write_report, build_once, folder_bytes
 
     if source_key is None:
         source_key = (getattr(ds, "report", None) or {}).get("cache", {}).get("key")
@@ -396,39 +393,24 @@ def cached_packs(
     source_report = getattr(ds, "report", None)
     if (folder / REPORT).is_file():
         return _cache_hit(folder, ds, source_report, f"{time.time() - started:.1f} s")
-    root.mkdir(parents=True, exist_ok=True)
-    with build_lock(root, key):
-        if (folder / REPORT).is_file():  # another process packed it while this one waited
-            return _cache_hit(folder, ds, source_report, "built by another process")
-        remove_stale_builds(root)
-        tmp = root / f".tmp-{key[:12]}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{_host()}"
-        tmp.mkdir()
-        try:
-            counts = write_packs(ds, tmp / PACKS_FILE, max_seq_len=max_seq_len, padding_idx=padding_idx,
-                                 split_across_pack=split_across_pack)
-            positions = counts["packs"] * max_seq_len
-            info = {
-                **counts,
-                "padding_tokens": positions - counts["tokens"],
-                "fill": round(counts["tokens"] / positions, 4) if positions else None,
-                "max_seq_len": max_seq_len,
-                "padding_idx": padding_idx,
-                "split_across_pack": split_across_pack,
-                "build_seconds": round(time.time() - started, 1),
-                "cache": {"key": key, "source_key": source_key, "dir": str(folder), "bytes": folder_bytes(tmp), "hit": False},
-            }
-            part = tmp / (REPORT + ".part")
-            part.write_text(json.dumps(info, indent=1))
-            os.replace(part, tmp / REPORT)  # the report last: a folder with report.json is complete
-            try:
-                os.rename(tmp, folder)
-            except OSError:
-                if not (folder / REPORT).is_file():
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same build first
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+    def build(tmp: Path) -> None:
+        counts = write_packs(ds, tmp / PACKS_FILE, max_seq_len=max_seq_len, padding_idx=padding_idx,
+                             split_across_pack=split_across_pack)
+        positions = counts["packs"] * max_seq_len
+        _write_report(tmp, {
+            **counts,
+            "padding_tokens": positions - counts["tokens"],
+            "fill": round(counts["tokens"] / positions, 4) if positions else None,
+            "max_seq_len": max_seq_len,
+            "padding_idx": padding_idx,
+            "split_across_pack": split_across_pack,
+            "build_seconds": round(time.time() - started, 1),
+            "cache": {"key": key, "source_key": source_key, "dir": str(folder), "bytes": folder_bytes(tmp), "hit": False},
+        })
+
+    if not build_once(root, key, folder, build):  # another process packed it while this one waited
+        return _cache_hit(folder, ds, source_report, "built by another process")
     STATS["builds"] += 1
     packed = CachedPackedDataset(folder, ds=ds, report=source_report)
     p = packed.report["packing"]

@@ -25,7 +25,7 @@ builds (same rows, same order, same tokens and labels) without holding the mix i
    in a temporary folder, ``report.json`` is written last, and the folder is then renamed to
    its key: a build killed at any point leaves no folder that looks complete (temporary
    folders of dead builds are removed by the next build). A build holds a lock on its key
-   (:func:`build_lock`): other processes after the same cache, such as the other ranks of a
+   (:func:`build_once`, :func:`build_lock`): other processes after the same cache, such as the other ranks of a
    distributed run, wait and then reuse it instead of building it again.
 
 The key is a SHA-256 of every input: each set file's path, size and modification time (or a Hub
@@ -661,38 +661,25 @@ def cached_mixture(
             f"({len(cached):,} rows, {time.time() - started:.1f} s): {summary(cached.report)}"
         )
         return cached
-    root.mkdir(parents=True, exist_ok=True)
-    with build_lock(root, key):
+
+    def build(tmp: Path) -> None:
+        _build(
+            tokenizer, tmp, sets=sets, sources=sources, report=report, mix_seed=mix_seed, split=split,
+            template=template, train_on_input=train_on_input, system_prompt=system_prompt,
+            holdout_fraction=holdout_fraction, holdout_seed=holdout_seed, holdout=holdout,
+            decontaminate=decontaminate, decontaminate_ngram=decontaminate_ngram, filter_fn=filter_fn,
+            skip_empty=skip_empty, long_records=long_records, num_proc=num_proc,
+        )
+        report["build_seconds"] = round(time.time() - started, 1)
+        report["cache"] = {"key": key, "bytes": folder_bytes(tmp / "dataset")}
+        (tmp / "settings.json").write_text(json.dumps(settings, indent=1, default=str))
+        _write_report(tmp, report)
+
+    if not build_once(root, key, folder, build):  # another process built it while this one waited
         cached = load_cache(folder)
-        if cached is not None:  # another process built it while this one waited
-            STATS["hits"] += 1
-            log.info(f"{cached.report.get('name', 'dataset')}: cache hit {folder}, built by another process")
-            return cached
-        remove_stale_builds(root)
-        tmp = root / f".tmp-{key[:12]}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{_host()}"
-        tmp.mkdir()
-        try:
-            data = _build(
-                tokenizer, tmp, sets=sets, sources=sources, report=report, mix_seed=mix_seed, split=split,
-                template=template, train_on_input=train_on_input, system_prompt=system_prompt,
-                holdout_fraction=holdout_fraction, holdout_seed=holdout_seed, holdout=holdout,
-                decontaminate=decontaminate, decontaminate_ngram=decontaminate_ngram, filter_fn=filter_fn,
-                skip_empty=skip_empty, long_records=long_records, num_proc=num_proc,
-            )
-            report["build_seconds"] = round(time.time() - started, 1)
-            report["cache"] = {"key": key, "bytes": folder_bytes(tmp / "dataset")}
-            (tmp / "settings.json").write_text(json.dumps(settings, indent=1, default=str))
-            _write_report(tmp, report)
-            del data
-            try:
-                os.rename(tmp, folder)
-            except OSError:
-                if not (folder / "report.json").is_file():
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same build first
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        STATS["hits"] += 1
+        log.info(f"{cached.report.get('name', 'dataset')}: cache hit {folder}, built by another process")
+        return cached
     STATS["builds"] += 1
     ds = load_cache(folder)
     ds.report["cache"]["hit"] = False
@@ -701,6 +688,32 @@ def cached_mixture(
         f"{summary(ds.report)}; skipped {ds.report['skipped']}, truncated {ds.report['truncated']}"
     )
     return ds
+
+
+def build_once(root: Path, key: str, folder: Path, build: Callable[[Path], None]) -> bool:
+    """Build the cache ``folder`` unless it is complete: under the key's :func:`build_lock`,
+    ``build(tmp)`` fills a fresh temporary folder (``report.json`` last), which is then renamed
+    to ``folder``; anything raised (a kill leaves it to :func:`remove_stale_builds`) removes it.
+    False when another process completed ``folder`` while this one waited for the lock."""
+    root.mkdir(parents=True, exist_ok=True)
+    with build_lock(root, key):
+        if (folder / "report.json").is_file():
+            return False
+        remove_stale_builds(root)
+        tmp = root / f".tmp-{key[:12]}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{_host()}"
+        tmp.mkdir()
+        try:
+            build(tmp)
+            try:
+                os.rename(tmp, folder)
+            except OSError:
+                if not (folder / "report.json").is_file():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # another host finished the same build first
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return True
 
 
 def _write_report(folder: Path, report: Mapping[str, Any]) -> None:
