@@ -146,36 +146,14 @@ class RandomizedGaLoreProjector(GaLoreProjector):
     def get_orthogonal_matrix(self, weights, rank, type):  # noqa: A002 - galore-torch's names
         if type not in ("right", "left", "full"):
             raise ValueError("type should be left, right or full")
-        # the dtype handling of galore-torch's get_orthogonal_matrix, line for line
-        module_params = weights
-        if module_params.data.dtype != torch.float:
-            float_data = False
-            original_type = module_params.data.dtype
-            original_device = module_params.data.device
-            matrix = module_params.data.float()
-        else:
-            float_data = True
-            matrix = module_params.data
-
-        generator = self.generator(matrix.device)
-        U, _, Vh = randomized_svd(matrix, rank, self.oversample, self.power_iters, generator)
-
-        if type == "right":
-            B = Vh[:rank, :]
-            if not float_data:
-                B = B.to(original_device).type(original_type)
-            return B
-        if type == "left":
-            A = U[:, :rank]
-            if not float_data:
-                A = A.to(original_device).type(original_type)
-            return A
-        A = U[:, :rank]
-        B = Vh[:rank, :]
-        if not float_data:
-            A = A.to(original_device).type(original_type)
-            B = B.to(original_device).type(original_type)
-        return [A, B]
+        # as galore-torch: computed in fp32, returned in the gradient's dtype and device
+        data = weights.data
+        matrix = data.float()  # the tensor itself when already fp32
+        U, _, Vh = randomized_svd(matrix, rank, self.oversample, self.power_iters, self.generator(matrix.device))
+        A, B = U[:, :rank], Vh[:rank, :]
+        if data.dtype != torch.float:
+            A, B = A.to(data.device).type(data.dtype), B.to(data.device).type(data.dtype)
+        return {"right": B, "left": A, "full": [A, B]}[type]
 
 
 def projector_to_dict(projector: GaLoreProjector) -> Dict[str, Any]:
