@@ -2,8 +2,10 @@
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -43,3 +45,19 @@ def header_command(config: Path) -> List[str]:
         if match:
             return ["tune", "run", match.group(1), "--config", match.group(2)]
     raise ValueError(f"{config}: no '# tune run <recipe> --config <path>' line in its header")
+
+
+def kill_once_written(proc: subprocess.Popen, path: Path, what: str = "the run", timeout: float = 300) -> None:
+    """SIGKILL the process group of ``proc`` (started with ``start_new_session=True``) as soon
+    as ``path`` exists: a kill from outside at a known point. Fails if ``proc`` exits first or
+    nothing appears within ``timeout`` seconds."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not path.is_file():
+            assert proc.poll() is None, f"{what} exited ({proc.returncode}) before {path} was written"
+            assert time.monotonic() < deadline, f"no {path} after {timeout:.0f} s"
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

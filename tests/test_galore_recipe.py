@@ -11,9 +11,7 @@ is tested on the other single-device recipes in test_resume_single_device.py.
 import importlib.util
 import os
 import re
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from components.metric_logs import latest_log, step_losses
-from tests.helpers import BIN, REPO_ROOT, header_command, run_cli
+from tests.helpers import BIN, REPO_ROOT, header_command, kill_once_written, run_cli
 
 STEPS = 16
 SAVE_EVERY = 4
@@ -103,16 +101,7 @@ def test_a_killed_run_resumes_with_the_same_losses(trained, tmp_path):
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    try:
-        deadline = time.monotonic() + 300
-        while not (output_dir / f"step_{SAVE_EVERY}" / "recipe_state.pt").is_file():
-            assert proc.poll() is None, f"the run exited ({proc.returncode}) before step {SAVE_EVERY}"
-            assert time.monotonic() < deadline, "no step checkpoint after 300 s"
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_once_written(proc, output_dir / f"step_{SAVE_EVERY}" / "recipe_state.pt")
     stopped = step_losses(latest_log(output_dir))
     resumable = sorted(int(p.parent.name[5:]) for p in output_dir.glob("step_*/recipe_state.pt"))
     assert resumable and max(stopped) < STEPS, "the run was not stopped before its end"

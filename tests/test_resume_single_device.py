@@ -18,7 +18,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ import torch
 
 from components.checkpointing import RECIPE_STATE_FILE, resumable_checkpoints
 from components.metric_logs import latest_log, step_losses
-from tests.helpers import BIN, REPO_ROOT, header_command, run_cli
+from tests.helpers import BIN, REPO_ROOT, header_command, kill_once_written, run_cli
 
 STEPS = 8
 SAVE_EVERY = 2
@@ -170,16 +169,7 @@ def test_a_run_killed_after_a_step_checkpoint_resumes_with_the_same_losses(refer
     method, _, expected = reference
     output_dir = tmp_path / "killed"
     proc = start(method, output_dir, kc_pairs)
-    try:
-        deadline = time.monotonic() + 300
-        while not (output_dir / "step_4" / RECIPE_STATE_FILE).is_file():
-            assert proc.poll() is None, f"the run exited ({proc.returncode}) before step 4"
-            assert time.monotonic() < deadline, "no step checkpoint after 300 s"
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_once_written(proc, output_dir / "step_4" / RECIPE_STATE_FILE)
     stopped = step_losses(latest_log(output_dir))
     newest = resumable_checkpoints(output_dir)[-1][0]
     assert max(stopped) < STEPS and newest < STEPS, "the run was not stopped before its end"

@@ -9,7 +9,7 @@ import pytest
 from components.study.report import Cell, paired_difference, render_markdown
 from components.study.runner import StudyRunner
 from components.study.spec import StudyError, load_study
-from tests.helpers import REPO_ROOT, run_cli
+from tests.helpers import REPO_ROOT, kill_once_written, run_cli
 
 WRITE = "import pathlib, sys; p = pathlib.Path(sys.argv[1]); p.write_text(str(p.stat().st_ino if p.exists() else 'new'))"
 FAIL = "import sys; sys.exit(3)"
@@ -116,10 +116,7 @@ def _sft_study(tmp_path: Path, name: str) -> Path:
 def test_a_killed_study_resumes_its_training_from_the_last_step_checkpoint(tmp_path):
     """`medtune study` SIGKILLed (with its `tune run`) after a step checkpoint: the next call
     continues that training from the checkpoint, with the uninterrupted run's losses."""
-    import os
-    import signal
     import subprocess
-    import time
 
     from components.checkpointing import RECIPE_STATE_FILE
     from components.metric_logs import latest_log, step_losses
@@ -134,16 +131,7 @@ def test_a_killed_study_resumes_its_training_from_the_last_step_checkpoint(tmp_p
     run_dir = tmp_path / "killed" / "out" / "runs" / "sft"
     proc = subprocess.Popen([str(BIN / "medtune"), "study", str(study)], cwd=REPO_ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not (run_dir / "step_4" / RECIPE_STATE_FILE).is_file():
-            assert proc.poll() is None, f"the study exited ({proc.returncode}) before step 4"
-            assert time.monotonic() < deadline, "no step checkpoint after 300 s"
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_once_written(proc, run_dir / "step_4" / RECIPE_STATE_FILE, "the study")
     marker = json.loads((run_dir / "medtune_step.json").read_text())
     assert marker["status"] == "running"
     newest = max(int(p.name[5:]) for p in run_dir.glob("step_*") if (p / RECIPE_STATE_FILE).is_file())
