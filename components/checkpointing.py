@@ -10,6 +10,7 @@ and resumes from `find_resume_dir`. The recipe state inside is loadable with
 import math
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -22,6 +23,72 @@ RNG_STATE_KEY = "rng_state"
 STAGING_SUFFIX = ".partial"
 
 PathLike = Union[str, Path]
+
+# The run-folder layout every medtune recipe writes, and everything else reads through the
+# helpers below: `epoch_<n>/` (the weights after epoch n, counted from 0), `step_<n>/` (a
+# resumable checkpoint after global optimizer step n), a LoRA run's adapter of epoch n in
+# `adapter/epoch_<n>/`, and `.<folder>.partial` while a folder is being written.
+EPOCH_PREFIX = "epoch_"
+STEP_PREFIX = "step_"
+_NUMBERED_FOLDER = re.compile(r"(epoch|step)_(\d+)")
+
+
+def epoch_folder_name(epoch: int) -> str:
+    """``epoch_<epoch>``: the folder name of epoch ``epoch``'s checkpoint."""
+    return f"{EPOCH_PREFIX}{epoch}"
+
+
+def step_folder_name(step: int) -> str:
+    """``step_<step>``: the folder name of the checkpoint after global step ``step``."""
+    return f"{STEP_PREFIX}{step}"
+
+
+def epoch_dir(output_dir: PathLike, epoch: int) -> Path:
+    """``output_dir/epoch_<epoch>``."""
+    return Path(output_dir) / epoch_folder_name(epoch)
+
+
+def folder_number(folder: PathLike) -> Optional[int]:
+    """N of an ``epoch_N`` or ``step_N`` folder, else None."""
+    match = _NUMBERED_FOLDER.fullmatch(Path(folder).name)
+    return int(match.group(2)) if match else None
+
+
+def is_epoch_folder(folder: PathLike) -> bool:
+    """Whether ``folder`` is named ``epoch_N``."""
+    return folder_number(folder) is not None and Path(folder).name.startswith(EPOCH_PREFIX)
+
+
+def is_step_folder(folder: PathLike) -> bool:
+    """Whether ``folder`` is named ``step_N``."""
+    return folder_number(folder) is not None and Path(folder).name.startswith(STEP_PREFIX)
+
+
+def epoch_dirs(output_dir: PathLike) -> List[Path]:
+    """The ``epoch_N`` folders of a run, by epoch (complete ones: staging folders are hidden)."""
+    found = [p for p in Path(output_dir).glob(f"{EPOCH_PREFIX}*") if p.is_dir() and is_epoch_folder(p)]
+    return sorted(found, key=folder_number)
+
+
+def latest_epoch_dir(output_dir: PathLike) -> Optional[Path]:
+    """The highest ``epoch_N`` folder of a run, or None."""
+    found = epoch_dirs(output_dir)
+    return found[-1] if found else None
+
+
+def is_staging_folder(folder: PathLike) -> bool:
+    """Whether ``folder`` is the staging folder of a save that has not finished."""
+    return Path(folder).name.endswith(STAGING_SUFFIX)
+
+
+def unfinished_epoch_saves(output_dir: PathLike) -> List[Tuple[int, Path]]:
+    """``(epoch, staging folder)`` of every ``epoch_N`` save left unfinished in a run, by epoch."""
+    found = []
+    for staging in Path(output_dir).glob(f".{EPOCH_PREFIX}*{STAGING_SUFFIX}"):
+        epoch = folder_number(staging.name[1 : -len(STAGING_SUFFIX)])
+        if epoch is not None:
+            found.append((epoch, staging))
+    return sorted(found)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -116,7 +183,7 @@ def resumable_checkpoints(output_dir: PathLike) -> List[Tuple[int, Path]]:
     found = []
     for state_file in Path(output_dir).glob(f"*/{RECIPE_STATE_FILE}"):
         folder = state_file.parent
-        if folder.name.startswith(("step_", "epoch_")):
+        if folder_number(folder) is not None:
             # mmap: only the step count is read, not the optimizer state
             state = torch.load(state_file, map_location="cpu", weights_only=True, mmap=True)
             found.append((int(state[GLOBAL_STEP_KEY]), state_file.stat().st_mtime, folder))
@@ -151,9 +218,9 @@ def prune_step_checkpoints(output_dir: PathLike, keep_last_n: Optional[int]) -> 
         return []
     keep_last_n = check_positive("keep_last_n_checkpoints", keep_last_n)
     steps = sorted(
-        (int(folder.name[len("step_"):]), folder)
-        for folder in Path(output_dir).glob("step_*")
-        if folder.is_dir() and folder.name[len("step_"):].isdigit()
+        (folder_number(folder), folder)
+        for folder in Path(output_dir).glob(f"{STEP_PREFIX}*")
+        if folder.is_dir() and is_step_folder(folder)
     )
     doomed = [folder for _, folder in steps[: max(0, len(steps) - keep_last_n)]]
     for folder in doomed:
@@ -208,11 +275,18 @@ def check_finite_loss(loss: float, step: int, output_dir: PathLike) -> None:
     )
 
 
+def epoch_dir(output_dir: PathLike, epoch: int) -> Path:
+    """``output_dir/epoch_<epoch>``: the folder torchtune's checkpointers (and so every medtune
+    recipe) write the checkpoint of epoch ``epoch`` (counted from 0) into."""
+    return Path(output_dir) / f"epoch_{epoch}"
+
+
 # The LoRA recipes' adapter folder, `<output_dir>/adapter/epoch_N/`, apart from the merged weights.
 ADAPTER_DIRNAME = "adapter"
 # Everything torchtune's checkpointers write for an adapter (PEFT files and torchtune's .pt).
+ADAPTER_CHECKPOINT_FILE = "adapter_model.pt"
 ADAPTER_FILES = (
-    "adapter_model.pt",
+    ADAPTER_CHECKPOINT_FILE,
     "adapter_model.safetensors",
     "adapter_model.bin",
     "adapter_config.json",
@@ -237,12 +311,52 @@ def keep_only_adapter_files(folder: Path) -> None:
             path.unlink()
 
 
+def adapter_dir(output_dir: PathLike, epoch: int) -> Path:
+    """``output_dir/adapter/epoch_<epoch>``: a LoRA run's adapter of that epoch."""
+    return Path(output_dir) / ADAPTER_DIRNAME / epoch_folder_name(epoch)
+
+
 def adapter_folder(checkpoint: Path) -> Path:
     """Where a resumable folder's adapter is: in ``step_N/`` itself; beside the merged
     weights of ``epoch_N/``, in ``adapter/epoch_N/``."""
-    if checkpoint.name.startswith("epoch_"):
+    if is_epoch_folder(checkpoint):
         return checkpoint.parent / ADAPTER_DIRNAME / checkpoint.name
     return checkpoint
+
+
+def adapter_checkpoint_file(checkpoint: Path) -> Path:
+    """The adapter a resume loads (torchtune keys, ``adapter_model.pt``): in the checkpoint
+    folder itself, else in `adapter_folder`; a ValueError naming both when neither has it."""
+    for folder in (checkpoint, adapter_folder(checkpoint)):
+        if (folder / ADAPTER_CHECKPOINT_FILE).is_file():
+            return folder / ADAPTER_CHECKPOINT_FILE
+    raise ValueError(
+        f"cannot resume from {checkpoint}: no {ADAPTER_CHECKPOINT_FILE} in it"
+        + (f" or in {adapter_folder(checkpoint)}" if adapter_folder(checkpoint) != checkpoint else "")
+    )
+
+
+def write_lora_checkpoint(
+    checkpointer: Any,
+    staging: Path,
+    folder: str,
+    output_dir: PathLike,
+    state_dict: Dict[str, Any],
+    adapter_only: bool,
+) -> None:
+    """The LoRA recipes' layout, written into ``staging`` (of `write_atomically`) with a
+    torchtune checkpointer: an ``epoch_N`` folder stays a plain merged HF model (unless
+    ``adapter_only``) and its adapter goes to ``adapter/epoch_N/``, complete before
+    ``epoch_N/`` appears; a step folder holds the adapter files alone."""
+    write_with_checkpointer(checkpointer, staging, state_dict, adapter_only=adapter_only)
+    if is_epoch_folder(folder):
+        write_atomically(
+            Path(output_dir) / ADAPTER_DIRNAME,
+            folder,
+            lambda adapter_staging: move_adapter_files(staging, adapter_staging),
+        )
+    else:
+        keep_only_adapter_files(staging)
 
 
 def copy_weights_merged_in_place(state_dict: Dict[str, Any]) -> Dict[str, Any]:
@@ -257,3 +371,36 @@ def copy_weights_merged_in_place(state_dict: Dict[str, Any]) -> Dict[str, Any]:
         weight_key = key[: -len("lora_a.weight")] + "weight"
         state_dict[weight_key] = state_dict[weight_key].clone()
     return state_dict
+
+
+def lora_checkpoint_dict(
+    state_dict: Dict[str, Any],
+    rank: int,
+    alpha: float,
+    target_modules: List[str],
+    merge: bool,
+    copy_base: bool,
+) -> Dict[str, Any]:
+    """What the LoRA recipes hand their checkpointer: the adapter, its PEFT config and, with
+    ``merge``, the weights with the adapter merged in (on CPU). ``copy_base``: ``state_dict``
+    holds the live weights (CPU training), which the merge must not touch."""
+    from torchtune.modules.peft import get_adapter_state_dict, get_merged_lora_ckpt
+    from torchtune.training import ADAPTER_CONFIG, ADAPTER_KEY, MODEL_KEY
+
+    checkpoint = {
+        ADAPTER_KEY: get_adapter_state_dict(state_dict),
+        ADAPTER_CONFIG: {
+            "r": rank,
+            "lora_alpha": alpha,
+            "target_modules": target_modules,
+            "peft_type": "LORA",
+        },
+    }
+    if merge:
+        # Move to CPU to avoid a copy on GPU
+        merged = {k: v.cpu() for k, v in state_dict.items()}
+        if copy_base:
+            merged = copy_weights_merged_in_place(merged)
+        checkpoint[MODEL_KEY] = get_merged_lora_ckpt(merged, rank=rank, alpha=alpha)
+    return checkpoint
+
