@@ -65,7 +65,42 @@ def test_the_shipped_study_files_load_and_dry_run(tmp_path):
     assert lines[0] == f"tune run recipes/full_finetune_single_device.py --config configs/tiny/full_sft.yaml output_dir={tmp_path}/runs/full_sft"
     # stage 2 of KnowTuning starts from stage 1's folder
     assert any(f"stage1_dir={tmp_path}/runs/knowtuning_ka" in line for line in lines)
+    # every evaluation names the very checkpoint folder it will read: the config's last epoch
+    assert not [line for line in lines if "<" in line or ">" in line], "placeholders in a dry run"
+    assert f"medtune eval {tmp_path}/runs/full_sft/epoch_0 --tasks usmle_step1," in proc.stdout
+    assert f"medtune eval {tmp_path}/runs/knowtuning/epoch_0 --tasks medquad" in proc.stdout
     assert not (tmp_path / "runs").exists(), "a dry run must not run anything"
+    paper = run_cli("medtune", ["study", "configs/studies/paper.yaml", "--dry-run", "--output-dir", str(tmp_path)]).stdout
+    assert f"medtune eval {tmp_path}/runs/galore/epoch_0 --tasks usmle_step1_gen," in paper and "<" not in paper
+
+
+def test_dry_run_names_the_last_epoch_after_overrides(tmp_path):
+    """`epochs` from the config (3 for KnowTuning's stage 1) or from the run's overrides gives the
+    folder a later stage reads, `{checkpoint:RUN}` included."""
+    path = write_study(
+        tmp_path,
+        f"""
+        name: t
+        output_dir: {tmp_path / 'out'}
+        runs:
+          ka: {{recipe: recipes/lora_finetune_single_device.py, config: configs/tiny/knowtuning_ka.yaml}}
+          sft:
+            recipe: recipes/full_finetune_single_device.py
+            config: configs/tiny/full_sft.yaml
+            overrides: {{epochs: 4}}
+          next:
+            command: [python, -c, "pass", "{{checkpoint:ka}}", "{{checkpoint:sft}}"]
+            depends_on: [ka, sft]
+        """,
+    )
+    lines = StudyRunner(load_study(str(path))).dry_run()
+    out = tmp_path / "out" / "runs"
+    assert lines[-1] == f"python -c pass {out / 'ka' / 'epoch_2'} {out / 'sft' / 'epoch_3'}"
+    bad = write_study(tmp_path, path.read_text().replace("{epochs: 4}", "{epochs: many}"))
+    with pytest.raises(ValueError, match=r"runs.sft: configs/tiny/full_sft.yaml sets epochs: 'many'"):
+        StudyRunner(load_study(str(bad))).dry_run()
+    proc = run_cli("medtune", ["study", str(bad), "--dry-run"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "epochs: 'many'" in proc.stderr
 
 
 def test_finished_steps_are_skipped_and_changed_ones_rerun(tmp_path, monkeypatch):
@@ -92,6 +127,82 @@ def test_a_failed_step_skips_its_dependants_and_the_rest_go_on(tmp_path, monkeyp
     assert json.loads((tmp_path / "out" / "runs" / "a" / "medtune_step.json").read_text())["status"] == "failed"
     again = {o.step.name: o.status for o in StudyRunner(load_study(str(path))).run(echo=lambda _: None)}
     assert again == {"train/a": "failed", "train/b": "skipped (needs train/a)", "train/c": "skipped (up to date)"}
+
+
+NOISY_FAILURE = (
+    "import sys\n"
+    "print('Skipping import of cpp extensions due to incompatible torch version')\n"
+    "for i in range(40): print(f'INFO:torchtune.utils._logging:setting up {i}')\n"
+    "print('Traceback (most recent call last):')\n"
+    "print('  File recipe.py, line 9, in <module>')\n"
+    "print('ValueError: dataset.data_files: no such file x.jsonl')\n"
+    "for i in range(30): print()\n"
+    "sys.exit(2)\n"
+)
+
+
+def test_a_failed_step_prints_the_end_of_its_log_without_start_up_noise(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fail.py").write_text(NOISY_FAILURE)
+    path = write_study(tmp_path, f"name: t\noutput_dir: {tmp_path / 'out'}\nruns:\n  a: {{command: [python, {tmp_path / 'fail.py'}]}}\n")
+    printed: list = []
+    outcomes = StudyRunner(load_study(str(path))).run(echo=printed.append)
+    assert outcomes[0].status == "failed"
+    text = "\n".join(printed)
+    assert f"FAILED (exit code 2); log: {tmp_path / 'out' / 'runs' / 'a' / 'medtune_step.log'}" in text
+    tail = [line for line in text.splitlines() if line.startswith("  | ")]
+    assert tail[-1] == "  | ValueError: dataset.data_files: no such file x.jsonl"
+    assert tail[0] == "  | Traceback (most recent call last):"
+    assert not [line for line in tail if "INFO:" in line or "Skipping import" in line or not line[4:].strip()]
+
+
+def test_log_tail_keeps_the_last_state_of_a_progress_bar_and_at_most_20_lines(tmp_path):
+    from components.study.runner import log_tail
+
+    log = tmp_path / "medtune_step.log"
+    log.write_text("".join(f"line {i}\n" for i in range(50)) + "1|1|Loss: 7.9\r1|2|Loss: 7.5\r1|3|Loss: nan\n")
+    assert log_tail(log) == [f"line {i}" for i in range(31, 50)] + ["1|3|Loss: nan"]
+    assert log_tail(tmp_path / "missing.log") == []
+
+
+def test_loss_plot_gives_dpo_its_own_panel_and_every_method_its_own_style(tmp_path):
+    """Logs written by torchtune's own DiskLogger: three supervised methods (LoRA and QLoRA with
+    the same losses, as on the tiny model) and KnowTuning's DPO stage."""
+    from torchtune.training.metric_logging import DiskLogger
+
+    from components.study.plots import loss_figure
+
+    runs = {"Full SFT": [3.0, 2.5, 2.0], "LoRA": [3.0, 2.9, 2.8], "QLoRA": [3.0, 2.9, 2.8]}
+    dirs = {}
+    for label, losses in runs.items():
+        dirs[label] = tmp_path / label
+        logger = DiskLogger(log_dir=str(dirs[label] / "logs"))
+        for step, loss in enumerate(losses, 1):
+            logger.log_dict({"loss": loss, "lr": 1e-3}, step=step)
+        logger.close()
+    dirs["KnowTuning"] = tmp_path / "kt"
+    logger = DiskLogger(log_dir=str(dirs["KnowTuning"] / "logs"))
+    for step in (1, 2, 3):
+        logger.log_dict({"loss": 2.1 - 0.1 * step, "loss/dpo": 0.69 - 0.05 * step, "loss/sft": 7.0}, step=step)
+    logger.close()
+    dirs["No log yet"] = tmp_path / "empty"
+
+    fig = loss_figure(dirs)
+    assert len(fig.axes) == 2
+    sft_axis, dpo_axis = fig.axes
+    sft_lines = {line.get_label(): line for line in sft_axis.get_lines()}
+    assert list(sft_lines) == ["Full SFT", "LoRA", "QLoRA"]
+    styles = {(line.get_linestyle(), line.get_marker()) for line in sft_lines.values()}
+    assert len(styles) == 3, "two methods share a line style and marker"
+    assert list(sft_lines["LoRA"].get_ydata()) == list(sft_lines["QLoRA"].get_ydata())
+    assert [t.get_text() for t in sft_axis.get_legend().get_texts()] == ["Full SFT", "LoRA", "QLoRA"]
+    dpo_lines = {line.get_label(): line for line in dpo_axis.get_lines()}
+    assert list(dpo_lines) == ["KnowTuning: total (DPO + gamma x SFT)", "KnowTuning: DPO term", "ln 2 (policy = reference)"]
+    assert list(dpo_lines["KnowTuning: DPO term"].get_ydata()) == pytest.approx([0.64, 0.59, 0.54])
+    assert "Preference" in dpo_axis.get_title() and "Supervised" in sft_axis.get_title()
+
+    only_sft = loss_figure({k: v for k, v in dirs.items() if k != "KnowTuning"})
+    assert len(only_sft.axes) == 1 and len(only_sft.axes[0].get_lines()) == 3
 
 
 def _sft_study(tmp_path: Path, name: str) -> Path:
@@ -198,6 +309,7 @@ def test_a_small_study_end_to_end_through_tune_and_lm_eval(tmp_path):
           baseline: {{usmle_step1: {{acc: 0.39}}}}
         """,
     )
+    planned = run_cli("medtune", ["study", str(path), "--dry-run"]).stdout.splitlines()
     first = run_cli("medtune", ["study", str(path)])
     assert "[3/3] eval/usmle/full_sft: done" in first.stdout
     table = (out / "results.md").read_text()
@@ -220,5 +332,9 @@ def test_a_small_study_end_to_end_through_tune_and_lm_eval(tmp_path):
     assert manifest["packages"]["torchtune"] == "0.6.1"
     for name in ("loss.png", "usmle.png"):
         assert (out / "plots" / name).stat().st_size > 1000
+    # the dry run printed exactly the commands that ran; now it lists them as up to date
+    assert planned == [" ".join(step["command"]) for step in manifest["steps"]]
+    again = run_cli("medtune", ["study", str(path), "--dry-run"]).stdout.splitlines()
+    assert again == [f"# up to date, skipped: {line}" for line in planned]
     second = run_cli("medtune", ["study", str(path)])
     assert second.stdout.count("up to date, skipped") == 3

@@ -18,7 +18,11 @@ def study(path: str, output_dir: str = None, only=None, dry_run: bool = False) -
         print(f"medtune study: {error}", file=sys.stderr)
         return 2
     if dry_run:
-        print("\n".join(runner.dry_run()))
+        try:
+            print("\n".join(runner.dry_run()))
+        except ValueError as error:
+            print(f"medtune study: {error}", file=sys.stderr)
+            return 2
         return 0
     print(f"study {spec.name}: {len(runner.steps)} steps into {runner.root}", flush=True)
     try:

@@ -1,9 +1,10 @@
 """The study's figures: training loss per method, and each table as bars with 95% intervals."""
 
+import math
 from pathlib import Path
 from typing import Dict, List
 
-from components.metric_logs import latest_log, read_losses
+from components.metric_logs import latest_log, step_metrics
 from components.study.report import Cell
 
 
@@ -16,23 +17,72 @@ def _pyplot():
     return plt
 
 
-def plot_losses(run_dirs: Dict[str, Path], out: Path) -> Path:
-    """One line per method: loss per step from torchtune's metric log."""
+# A line style and a marker per method (both change from one method to the next), and markers
+# at staggered steps, so curves that coincide (LoRA and QLoRA on the tiny model) stay visible
+# and tell apart, in grey print too.
+LINESTYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+PREFERENCE_KEY = "loss/dpo"  # logged by the KnowTuning DPO recipe; its loss is not an SFT loss
+
+
+def _style(i: int, n_points: int) -> Dict[str, object]:
+    every = max(1, n_points // 8)
+    return {"linestyle": LINESTYLES[i % len(LINESTYLES)], "marker": MARKERS[i % len(MARKERS)],
+            "markersize": 4.5, "linewidth": 1.2, "markevery": ((i * max(1, every // 3)) % every, every),
+            "alpha": 0.85}
+
+
+def loss_figure(run_dirs: Dict[str, Path]):
+    """Training loss per method from torchtune's metric logs: supervised runs share one panel;
+    runs that log a DPO term (KnowTuning stage 2) get their own, with the total loss, the DPO
+    term and ln 2 (the DPO loss of a policy equal to its reference)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    supervised, preference = {}, {}
     for label, run_dir in run_dirs.items():
         try:
-            losses = read_losses(latest_log(run_dir))
+            metrics = step_metrics(latest_log(run_dir))
         except FileNotFoundError:
             continue
-        ax.plot(range(1, len(losses) + 1), losses, label=label, linewidth=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title("Training loss")
-    ax.legend()
+        steps = sorted(s for s in metrics if "loss" in metrics[s])
+        if steps:
+            target = preference if any(PREFERENCE_KEY in metrics[s] for s in steps) else supervised
+            target[label] = (steps, metrics)
+    panels = [p for p in (supervised, preference) if p] or [supervised]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4), squeeze=False)
+    axes = list(axes[0])
+    if supervised or not preference:
+        ax = axes[0]
+        for i, (label, (steps, metrics)) in enumerate(supervised.items()):
+            ax.plot(steps, [metrics[s]["loss"] for s in steps], label=label, **_style(i, len(steps)))
+        ax.set_title("Supervised fine-tuning: training loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy loss")
+        if supervised:
+            ax.legend(fontsize=8)
+    if preference:
+        ax = axes[-1]
+        i = 0
+        for label, (steps, metrics) in preference.items():
+            ax.plot(steps, [metrics[s]["loss"] for s in steps], label=f"{label}: total (DPO + gamma x SFT)",
+                    **_style(i, len(steps)))
+            dpo_steps = [s for s in steps if PREFERENCE_KEY in metrics[s]]
+            ax.plot(dpo_steps, [metrics[s][PREFERENCE_KEY] for s in dpo_steps], label=f"{label}: DPO term",
+                    **_style(i + 1, len(dpo_steps)))
+            i += 2
+        ax.axhline(math.log(2), color="grey", linestyle=":", linewidth=1, label="ln 2 (policy = reference)")
+        ax.set_title("Preference training (KnowTuning stage 2): loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_losses(run_dirs: Dict[str, Path], out: Path) -> Path:
+    """Write `loss_figure` to ``out``."""
+    fig = loss_figure(run_dirs)
     fig.savefig(out, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
     return out
 
 

@@ -22,12 +22,19 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-from components.checkpointing import resumable_checkpoints
+from omegaconf import OmegaConf
+
+from components.checkpointing import epoch_dir, resumable_checkpoints
 from components.study.spec import BASELINE, StudySpec
 
 MARKER = "medtune_step.json"
+LOG = "medtune_step.log"
+TAIL_LINES = 20
+# Start-up chatter of every step, never the reason it failed: torchtune's INFO logging, torchao's
+# notice about its C++ kernels, blank lines.
+_NOISE = re.compile(r"^\s*$|^(INFO|DEBUG):|Skipping import of cpp extensions")
 _PLACEHOLDER = re.compile(r"\{(checkpoint|output):([A-Za-z0-9_.-]+)\}")
 
 
@@ -64,6 +71,29 @@ def latest_checkpoint(run_dir: Path) -> Path:
     if not epochs:
         raise FileNotFoundError(f"{run_dir} holds no epoch_N checkpoint folder")
     return epochs[-1]
+
+
+def log_tail(path: Path, lines: int = TAIL_LINES) -> List[str]:
+    """The last ``lines`` lines of a step's log that can say why it failed: start-up noise left
+    out, a progress bar's carriage-return rewrites reduced to their last state."""
+    try:
+        text = path.read_bytes().decode(errors="replace")  # bytes: read_text would turn \r into \n
+    except OSError:
+        return []
+    kept = [line.rstrip("\r").rsplit("\r", 1)[-1].rstrip() for line in text.split("\n")]
+    return [line for line in kept if not _NOISE.search(line)][-lines:]
+
+
+def builtin_config(name: str) -> Path:
+    """The file of one of torchtune's own configs (``tune run ... --config NAME``)."""
+    from torchtune._cli.run import ROOT
+    from torchtune._recipe_registry import get_all_recipes
+
+    for recipe in get_all_recipes():
+        for config in recipe.configs:
+            if config.name == name:
+                return Path(ROOT) / "recipes" / "configs" / config.file_path
+    raise ValueError(f"config {name}: no such file, and not one of torchtune's own configs")
 
 
 def cli_value(value: Any) -> str:
@@ -123,13 +153,40 @@ class StudyRunner:
         return steps
 
     def checkpoint_of(self, run: str, dry_run: bool = False) -> str:
-        """The checkpoint folder a run's evaluation reads (and a later stage starts from)."""
+        """The checkpoint folder a run's evaluation reads (and a later stage starts from): the
+        last epoch's folder, named from the run's config (`epochs`, after its overrides), so a
+        dry run prints the very path the real call uses; outside a dry run it must exist."""
         if run == BASELINE:
             return self._baseline_checkpoint(dry_run)
-        run_dir = self.run_dir(run)
-        if dry_run and not run_dir.is_dir():
-            return str(run_dir / "epoch_<last>")
-        return str(latest_checkpoint(run_dir))
+        spec = self.spec.runs[run]
+        if spec.command:
+            raise ValueError(
+                f"{self.spec.path}: {{checkpoint:{run}}}: {run} runs a command, which writes no checkpoint; "
+                f"use {{output:{run}}} for its folder"
+            )
+        folder = epoch_dir(self.run_dir(run), self.epochs_of(run) - 1)
+        if not dry_run and not folder.is_dir():
+            raise FileNotFoundError(
+                f"{folder} is missing: {run}'s config trains {self.epochs_of(run)} epoch(s) and its last "
+                "epoch's checkpoint was not written (did the training finish?)"
+            )
+        return str(folder)
+
+    def epochs_of(self, run: str) -> int:
+        """How many epochs a training run's config sets, with the run's overrides applied."""
+        spec = self.spec.runs[run]
+        path = self.repo / spec.config
+        if not path.is_file():
+            path = builtin_config(spec.config)
+        overrides = [f"{k}={self.resolve(cli_value(v), dry_run=True)}" for k, v in spec.overrides.items()]
+        try:
+            config = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(overrides))
+            epochs = config.get("epochs")
+        except Exception as error:  # OmegaConf's parse and interpolation errors
+            raise ValueError(f"{self.spec.path}: runs.{run}: cannot read epochs from {spec.config}: {error}") from None
+        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+            raise ValueError(f"{self.spec.path}: runs.{run}: {spec.config} sets epochs: {epochs!r}, not a whole number >= 1")
+        return epochs
 
     def _baseline_checkpoint(self, dry_run: bool) -> str:
         """`tiny` names the embedded model's checkpoint (built on first use, not by a dry run)."""
@@ -201,9 +258,29 @@ class StudyRunner:
         os.replace(tmp, step.output_dir / MARKER)
 
     # ---- execution -------------------------------------------------------------------------
+    def prepare(self, step: Step, keys: Dict[str, str], dry_run: bool = False) -> Tuple[List[str], str, Optional[Dict[str, Any]], Optional[Path]]:
+        """``(command, key, marker, resume)`` of a step as the next call sees it: ``marker`` is
+        its record when it is up to date (to skip), ``resume`` the checkpoint it would continue
+        from (its command then ends in ``resume_from_checkpoint=True``)."""
+        command = self.command(step, dry_run)
+        key = keys[step.name] = self._key(step, command, keys)
+        marker = self.read_marker(step)
+        if marker and marker.get("key") == key and marker.get("status") == "done":
+            return command, key, marker, None
+        resume = self.resume_point(step, key, marker)
+        if resume is not None:
+            command = [*command, "resume_from_checkpoint=True"]
+        return command, key, None, resume
+
     def dry_run(self) -> List[str]:
-        """Every command the study would run, in order, without running anything."""
-        return [" ".join(self.command(step, dry_run=True)) for step in self.steps]
+        """Every command the next call would run, in order, exactly as it runs them; a step that
+        is up to date is listed as a comment."""
+        keys: Dict[str, str] = {}
+        lines = []
+        for step in self.steps:
+            command, _, done, _ = self.prepare(step, keys, dry_run=True)
+            lines.append(("# up to date, skipped: " if done else "") + " ".join(command))
+        return lines
 
     def run(self, echo=print) -> List[Outcome]:
         """Run every step that is not up to date; return what happened to each."""
@@ -221,21 +298,17 @@ class StudyRunner:
                 echo(f"{prefix}: skipped, needs {', '.join(blocked)}")
                 continue
             try:
-                command = self.command(step)
-            except FileNotFoundError as error:
+                command, key, done, resume = self.prepare(step, keys)
+            except (FileNotFoundError, ValueError) as error:
                 failed.append(step.name)
                 outcomes.append(Outcome(step, "failed", message=str(error)))
                 echo(f"{prefix}: failed: {error}")
                 continue
-            key = keys[step.name] = self._key(step, command, keys)
-            marker = self.read_marker(step)
-            if marker and marker.get("key") == key and marker.get("status") == "done":
-                outcomes.append(Outcome(step, "skipped (up to date)", command, marker.get("seconds", 0.0), marker.get("peak_rss_mb")))
+            if done:
+                outcomes.append(Outcome(step, "skipped (up to date)", command, done.get("seconds", 0.0), done.get("peak_rss_mb")))
                 echo(f"{prefix}: up to date, skipped")
                 continue
-            resume = self.resume_point(step, key, marker)
             if resume is not None:
-                command = [*command, "resume_from_checkpoint=True"]
                 echo(f"{prefix}: resuming the interrupted run from {resume}")
             echo(f"{prefix}: {' '.join(command)}")
             outcome = self._execute(step, command, key, fresh=resume is None)
@@ -249,7 +322,11 @@ class StudyRunner:
                 echo(f"{prefix}: done in {outcome.seconds:.0f} s")
             else:
                 failed.append(step.name)
-                echo(f"{prefix}: FAILED ({outcome.message}); log: {step.output_dir / 'medtune_step.log'}")
+                log = step.output_dir / LOG
+                echo(f"{prefix}: FAILED ({outcome.message}); log: {log}")
+                tail = log_tail(log)
+                if tail:
+                    echo("  last lines of the log:\n" + "\n".join(f"  | {line}" for line in tail))
         return outcomes
 
     def resume_point(self, step: Step, key: str, marker: Optional[Dict[str, Any]]) -> Optional[Path]:
@@ -272,7 +349,7 @@ class StudyRunner:
         executable = Path(sys.executable).parent / command[0]
         argv = [str(executable) if executable.exists() else command[0], *command[1:]]
         started = time.perf_counter()
-        with open(step.output_dir / "medtune_step.log", "w" if fresh else "a") as log:
+        with open(step.output_dir / LOG, "w" if fresh else "a") as log:
             env = {**os.environ, **self.spec.env}
             proc = subprocess.Popen(argv, cwd=self.repo, env=env, stdout=log, stderr=subprocess.STDOUT)
             try:
