@@ -32,7 +32,6 @@
 import resource
 import sys
 import time
-from pathlib import Path
 from functools import partial
 from typing import Any, Dict, Optional, Union
 from warnings import warn
@@ -56,18 +55,10 @@ from tqdm import tqdm
 
 from components.checkpointing import (
     GLOBAL_STEP_KEY,
-    RNG_STATE_KEY,
-    check_finite_loss,
-    check_positive,
-    find_resume_dir,
-    load_recipe_state,
-    prune_step_checkpoints,
-    restore_rng_state,
-    rng_state,
-    save_recipe_state,
-    write_atomically,
+    epoch_folder_name,
     write_with_checkpointer,
 )
+from components.step_checkpoints import StepCheckpointClient
 from components.config_check import exit_on_config_problems
 
 
@@ -205,13 +196,15 @@ class GaLoreFinetuneRecipeSingleDevice(FTRecipeInterface):
                 "optimizer.layerwise=True (components.optim.galore_* builders)."
             )
         self._optimizer_in_bwd = bool(cfg.optimizer.get("layerwise", False))
-        self._resume_from = cfg.get("resume_from", None)
-        self._save_every_n_steps = check_positive(
-            "save_every_n_steps", cfg.get("save_every_n_steps", None)
+        # medtune: step checkpoints, where to resume from, and a Ctrl-C that names both
+        self._checkpoints = StepCheckpointClient(
+            cfg.output_dir,
+            resume_from_checkpoint=cfg.resume_from_checkpoint,
+            resume_from=cfg.get("resume_from", None),
+            save_every_n_steps=cfg.get("save_every_n_steps", None),
+            keep_last_n_checkpoints=cfg.get("keep_last_n_checkpoints", None),
         )
-        self._keep_last_n_checkpoints = check_positive(
-            "keep_last_n_checkpoints", cfg.get("keep_last_n_checkpoints", None)
-        )
+        self._checkpoints.exit_cleanly_on_interrupt()
 
         # Layer-wise stepping is not compatible with gradient accumulation or gradient clipping
         if self._optimizer_in_bwd:
@@ -266,7 +259,6 @@ class GaLoreFinetuneRecipeSingleDevice(FTRecipeInterface):
         self.total_epochs = cfg.epochs
         self.max_steps_per_epoch = cfg.max_steps_per_epoch
         self.global_step = 0
-        self._resumed_rng_state = None
 
     def load_checkpoint(self, cfg_checkpointer: DictConfig) -> Dict[str, Any]:
         """
@@ -277,24 +269,11 @@ class GaLoreFinetuneRecipeSingleDevice(FTRecipeInterface):
         # recipe state are this recipe's business (torchtune 0.6.1's resume path expects the
         # checkpoint file names to be edited in the config by hand).
         self._checkpointer = config.instantiate(cfg_checkpointer, should_load_recipe_state=False)
-        resume_dir = None
-        if self._resume_from_checkpoint:
-            resume_dir = find_resume_dir(self._output_dir, self._resume_from)
-            shards = sorted(resume_dir.glob("model-*.safetensors")) or sorted(
-                resume_dir.glob("model-*.bin")
-            )
-            if not hasattr(self._checkpointer, "_checkpoint_paths") or not shards:
-                raise ValueError(
-                    f"cannot resume from {resume_dir}: this recipe resumes Hugging Face format "
-                    "checkpoints (torchtune.training.FullModelHFCheckpointer) written by itself"
-                )
-            self._checkpointer._checkpoint_paths = shards
-            log.info(f"Resuming from {resume_dir}")
+        self._checkpoints.point_at_resume_weights(self._checkpointer)
         checkpoint_dict = self._checkpointer.load_checkpoint()
 
-        if resume_dir is not None:
-            # weights_only=True: optimizer state holds plain data and tensors only
-            checkpoint_dict.update(load_recipe_state(resume_dir))
+        if self._checkpoints.resuming:
+            checkpoint_dict.update(self._checkpoints.load_state())
             self._update_recipe_state(checkpoint_dict)
         return checkpoint_dict
 
@@ -324,7 +303,6 @@ class GaLoreFinetuneRecipeSingleDevice(FTRecipeInterface):
                 self.max_steps_per_epoch = ckpt_dict[training.MAX_STEPS_KEY]
             # medtune: mid-epoch position; the RNG is restored when training starts (`train`)
             self.global_step = ckpt_dict[GLOBAL_STEP_KEY]
-            self._resumed_rng_state = ckpt_dict[RNG_STATE_KEY]
 
             # on mismatch, warn the user but allow the override
             if self.total_epochs != ckpt_dict[training.TOTAL_EPOCHS_KEY]:
@@ -687,42 +665,23 @@ class GaLoreFinetuneRecipeSingleDevice(FTRecipeInterface):
         follow.
         """
         self._write_checkpoint(
-            f"epoch_{epoch}", with_recipe_state=epoch + 1 < self.total_epochs, epoch_end=True
+            epoch_folder_name(epoch), with_recipe_state=epoch + 1 < self.total_epochs, epoch_end=True
         )
-
-    def _recipe_state(self, epoch_end: bool) -> Dict[str, Any]:
-        """medtune: everything a resumed run needs besides the weights (weights_only-loadable).
-
-        At an epoch's end the dataloader position is left out: the next epoch starts afresh
-        (a loop stopped by max_steps_per_epoch would otherwise skip that many batches).
-        """
-        return {
-            training.SEED_KEY: self.seed,
-            training.EPOCHS_KEY: self.epochs_run,
-            training.TOTAL_EPOCHS_KEY: self.total_epochs,
-            training.MAX_STEPS_KEY: self.max_steps_per_epoch,
-            training.DATALOADER_KEY: None if epoch_end else self._dataloader.state_dict(),
-            training.OPT_KEY: self._optimizer.state_dict(),
-            GLOBAL_STEP_KEY: self.global_step,
-            RNG_STATE_KEY: rng_state(),
-        }
 
     def _write_checkpoint(
         self, folder: str, with_recipe_state: bool, epoch_end: bool = False
-    ) -> Path:
-        """medtune: HF weights (+ recipe state) in ``output_dir/<folder>``, written atomically:
-        a kill during the save leaves only a staging folder that resuming ignores."""
-
-        def write(staging: Path) -> None:
-            write_with_checkpointer(
+    ) -> None:
+        """medtune: HF weights (+ the recipe state a resume needs) in ``output_dir/<folder>``,
+        written atomically (components.step_checkpoints)."""
+        self._checkpoints.save(
+            folder,
+            lambda staging: write_with_checkpointer(
                 self._checkpointer, staging, {training.MODEL_KEY: self._model.state_dict()}
-            )
-            if with_recipe_state:
-                save_recipe_state(staging, self._recipe_state(epoch_end))
-
-        target = write_atomically(self._output_dir, folder, write)
-        log.info(f"Checkpoint written to {target}" + (" (resumable)" if with_recipe_state else ""))
-        return target
+            ),
+            self._checkpoints.recipe_state(self, self._optimizer.state_dict(), epoch_end)
+            if with_recipe_state
+            else None,
+        )
 
     def _loss_step(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         # Shape [b, s], needed for the loss not the model
@@ -772,15 +731,8 @@ class GaLoreFinetuneRecipeSingleDevice(FTRecipeInterface):
             steps_in_epoch = self.global_step - curr_epoch * self._steps_per_epoch
             pbar = tqdm(total=self._steps_per_epoch, initial=steps_in_epoch)
             self._dataloader.sampler.set_epoch(curr_epoch)
-            # medtune: a resumed run's RNG continues the saved stream. Starting an epoch's
-            # iterator draws a seed from it, so restore before that at an epoch boundary and
-            # after it mid-epoch (where the saved run had already drawn it).
-            resumed_rng, self._resumed_rng_state = self._resumed_rng_state, None
-            if resumed_rng is not None and steps_in_epoch == 0:
-                restore_rng_state(resumed_rng)
-            batches = iter(self._dataloader)
-            if resumed_rng is not None and steps_in_epoch > 0:
-                restore_rng_state(resumed_rng)
+            # medtune: a resumed run's RNG continues the saved stream
+            batches = self._checkpoints.epoch_batches(self._dataloader, steps_in_epoch)
             for idx, batch in enumerate(batches):
                 # Start tracking CUDA memory for active steps for just the first epoch
                 if (
@@ -814,9 +766,9 @@ class GaLoreFinetuneRecipeSingleDevice(FTRecipeInterface):
 
                 # Step with optimizer
                 if (idx + 1) % self._gradient_accumulation_steps == 0:
-                    # medtune: a NaN/inf loss stops the run here, before this step is saved
+                    # medtune: a NaN/inf loss stops the run here, before the optimizer step
                     loss_to_log = running_loss.item() / num_tokens
-                    check_finite_loss(float(loss_to_log), self.global_step + 1, self._output_dir)
+                    self._checkpoints.check_loss(loss_to_log, self.global_step + 1)
                     if self._optimizer_in_bwd:
                         # medtune: a no-op (parameters stepped in backward) that keeps the LR
                         # scheduler's "step before scheduler" bookkeeping right
@@ -873,15 +825,11 @@ class GaLoreFinetuneRecipeSingleDevice(FTRecipeInterface):
                     num_tokens = 0
 
                     # medtune: step-based checkpoints (the epoch's last step gets the epoch one)
-                    if (
-                        self._save_every_n_steps
-                        and self.global_step % self._save_every_n_steps == 0
-                        and steps_in_epoch < self._steps_per_epoch
-                    ):
-                        self._write_checkpoint(
-                            f"step_{self.global_step}", with_recipe_state=True
-                        )
-                        prune_step_checkpoints(self._output_dir, self._keep_last_n_checkpoints)
+                    folder = self._checkpoints.due_step_folder(
+                        self.global_step, steps_in_epoch, self._steps_per_epoch
+                    )
+                    if folder:
+                        self._write_checkpoint(folder, with_recipe_state=True)
                     t0 = time.perf_counter()
 
                 # Stop tracking CUDA memory now that active steps are complete

@@ -47,10 +47,12 @@ def header_command(config: Path) -> List[str]:
     raise ValueError(f"{config}: no '# tune run <recipe> --config <path>' line in its header")
 
 
-def kill_once_written(proc: subprocess.Popen, path: Path, what: str = "the run", timeout: float = 300) -> None:
-    """SIGKILL the process group of ``proc`` (started with ``start_new_session=True``) as soon
-    as ``path`` exists: a kill from outside at a known point. Fails if ``proc`` exits first or
-    nothing appears within ``timeout`` seconds."""
+def kill_once_written(
+    proc: subprocess.Popen, path: Path, what: str = "the run", timeout: float = 300, sig: int = signal.SIGKILL
+) -> None:
+    """SIGKILL (or ``sig``, e.g. SIGINT: a Ctrl-C) the process group of ``proc`` (started with
+    ``start_new_session=True``) as soon as ``path`` exists: a kill from outside at a known point.
+    Fails if ``proc`` exits first or nothing appears within ``timeout`` seconds."""
     try:
         deadline = time.monotonic() + timeout
         while not path.is_file():
@@ -59,5 +61,5 @@ def kill_once_written(proc: subprocess.Popen, path: Path, what: str = "the run",
             time.sleep(0.05)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, sig)
         proc.wait()
