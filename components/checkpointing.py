@@ -275,12 +275,6 @@ def check_finite_loss(loss: float, step: int, output_dir: PathLike) -> None:
     )
 
 
-def epoch_dir(output_dir: PathLike, epoch: int) -> Path:
-    """``output_dir/epoch_<epoch>``: the folder torchtune's checkpointers (and so every medtune
-    recipe) write the checkpoint of epoch ``epoch`` (counted from 0) into."""
-    return Path(output_dir) / f"epoch_{epoch}"
-
-
 # The LoRA recipes' adapter folder, `<output_dir>/adapter/epoch_N/`, apart from the merged weights.
 ADAPTER_DIRNAME = "adapter"
 # Everything torchtune's checkpointers write for an adapter (PEFT files and torchtune's .pt).

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import OmegaConf
 
-from components.checkpointing import epoch_dir, resumable_checkpoints
+from components.checkpointing import epoch_dir, latest_epoch_dir, resumable_checkpoints
 from components.study.spec import BASELINE, StudySpec
 
 MARKER = "medtune_step.json"
@@ -64,13 +64,10 @@ class Outcome:
 
 def latest_checkpoint(run_dir: Path) -> Path:
     """The highest `epoch_N` folder a torchtune recipe wrote into `run_dir`."""
-    epochs = sorted(
-        (p for p in run_dir.glob("epoch_*") if p.is_dir() and p.name[6:].isdigit()),
-        key=lambda p: int(p.name[6:]),
-    )
-    if not epochs:
+    latest = latest_epoch_dir(run_dir)
+    if latest is None:
         raise FileNotFoundError(f"{run_dir} holds no epoch_N checkpoint folder")
-    return epochs[-1]
+    return latest
 
 
 def log_tail(path: Path, lines: int = TAIL_LINES) -> List[str]:
