@@ -9,19 +9,23 @@ card then has no scores.
 """
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
-from components.checkpointing import ADAPTER_DIRNAME, STAGING_SUFFIX
+from components.checkpointing import (
+    ADAPTER_DIRNAME,
+    epoch_dirs,
+    folder_number,
+    is_staging_folder,
+    unfinished_epoch_saves,
+)
 from components.hub.checkpoint import ADAPTER_CONFIG, TOKENIZER_CORE, PushError
 from components.study.runner import latest_checkpoint
 from components.study.spec import BASELINE
 
-CHECKPOINT_NAME = re.compile(r"(epoch|step)_(\d+)")
 FINISHED = ("done", "skipped (up to date)")
 
 
@@ -53,7 +57,7 @@ def _read_json(path: Path) -> Any:
 
 def _checkpoint_folders(path: Path) -> Tuple[Path, Path, Optional[Path], bool]:
     """``(run_dir, merged_dir, adapter_dir, named_adapter)`` for a run folder or a checkpoint folder."""
-    if CHECKPOINT_NAME.fullmatch(path.name):
+    if folder_number(path) is not None:
         in_adapter_dir = path.parent.name == ADAPTER_DIRNAME
         run_dir = path.parent.parent if in_adapter_dir else path.parent
         merged = run_dir / path.name
@@ -68,10 +72,9 @@ def _checkpoint_folders(path: Path) -> Tuple[Path, Path, Optional[Path], bool]:
                 f"{run_dir} holds no epoch_N checkpoint folder: did its training finish? "
                 "(RUN_DIR is a run's folder, e.g. outputs/study/quickstart/runs/lora, or a checkpoint folder in it)"
             ) from None
-        newest = int(merged.name.split("_")[1])
-        for staging in sorted(run_dir.glob(f".epoch_*{STAGING_SUFFIX}")):
-            number = staging.name[len(".epoch_") : -len(STAGING_SUFFIX)]
-            if number.isdigit() and int(number) > newest:
+        newest = folder_number(merged)
+        for number, staging in unfinished_epoch_saves(run_dir):
+            if number > newest:
                 raise PushError(
                     f"{staging} is an unfinished save of epoch_{number} (the run was interrupted); "
                     f"resume or rerun the training, or push {merged} by naming it"
@@ -134,12 +137,12 @@ def _study_parts(info: RunInfo) -> None:
 def load_run(path: str) -> RunInfo:
     """Everything `medtune push` needs about RUN_DIR, or a `PushError` saying what is wrong."""
     folder = Path(path).resolve()
-    if folder.name.endswith(STAGING_SUFFIX):
+    if is_staging_folder(folder):
         raise PushError(f"{folder} is the staging folder of a checkpoint save that did not finish; it is never pushed")
     if not folder.is_dir():
         raise PushError(f"{folder}: no such folder")
     if (folder / "manifest.json").is_file() and (folder / "runs").is_dir():
-        trained = sorted(p.name for p in (folder / "runs").iterdir() if any(p.glob("epoch_*")))
+        trained = sorted(p.name for p in (folder / "runs").iterdir() if epoch_dirs(p))
         raise PushError(
             f"{folder} is a study's output folder; name one of its runs: {folder / 'runs'}/<run>, "
             f"with <run> one of: {', '.join(trained) or '(none has a checkpoint yet)'}"
