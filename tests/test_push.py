@@ -41,6 +41,9 @@ TOKENIZER = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json
 MERGED = {"README.md", "config.json", "generation_config.json", "model.safetensors.index.json",
           "model-00001-of-00001.safetensors"} | TOKENIZER
 ADAPTER = {"README.md", "adapter_config.json", "adapter_model.safetensors"} | TOKENIZER
+# what `medtune eval` records as the data it scored (results.json medtune.data_reports): the real sets
+REAL_SOURCES = {"usmle": "/data/hf/datasets--medalpaca--medical_meadow_usmle_self_assessment/snapshots/abc",
+                "medquad": "https://raw.githubusercontent.com/youganglyu/KnowTuning/main/data/meduqad/medquad_test.json"}
 SCORES = {  # (task, metric) -> per-question scores of (baseline, lora)
     ("usmle_step1", "acc"): ([1, 0, 0, 0, 1, 0], [1, 1, 0, 0, 1, 1]),
     ("usmle_step2", "acc"): ([0, 0, 1, 0, 0], [0, 1, 1, 0, 1]),
@@ -64,10 +67,11 @@ def _write_eval_results(folder: Path, which: int, tasks: List[str]) -> None:
         }
         per_question.setdefault(task, {})[metric] = {str(i): v for i, v in enumerate(values)}
     scorers = {"medquad": {"model": "microsoft/deberta-xlarge-mnli", "num_layers": 40}} if "medquad" in tasks else {}
+    reports = {task: {"source": REAL_SOURCES[task.split("_")[0]]} for task in tasks}
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results.json").write_text(
-        json.dumps({"medtune": {"summary": summary, "per_question": per_question, "bertscore": scorers}})
-    )
+    (folder / "results.json").write_text(json.dumps(
+        {"medtune": {"summary": summary, "per_question": per_question, "bertscore": scorers, "data_reports": reports}}
+    ))
 
 
 @pytest.fixture(scope="module")
@@ -228,6 +232,52 @@ def test_card_metadata_and_eval_results_round_trip(study, capsys, tmp_path):
     facts = ("seed: 42", "wall time: 12 s", "peak resident memory: 700 MB", "torchtune 0.6.1", "medtune git commit")
     for fact in facts:
         assert fact in text, fact
+
+
+def _card_results(capsys, run_dir: Path, tmp_path: Path):
+    code, out, err = push(capsys, run_dir, "--repo-id", REPO_ID, "--dry-run")
+    assert code == 0, err
+    (tmp_path / "README.md").write_text(out.split("----- README.md -----\n", 1)[1])
+    card = ModelCard.load(tmp_path / "README.md")
+    return card, model_index_to_eval_results(card.data.to_dict()["model-index"])[1]
+
+
+@pytest.mark.parametrize("recorded", ["sample", "nothing"])
+def test_model_index_names_the_data_that_was_scored(study_copy, capsys, tmp_path, recorded):
+    """Scores on the shipped 12-question sample never pass for the real USMLE set (nor the
+    MedQuAD sample for KnowTuning's split); scores whose data went unrecorded say so."""
+    samples = {"usmle": "components/data/sample/usmle",
+               "medquad": str(REPO_ROOT / "components/data/sample/knowtuning_medquad/medquad_test.json")}
+    for results in study_copy.glob("evals/*/lora/results.json"):
+        body = json.loads(results.read_text())
+        reports = body["medtune"].pop("data_reports")
+        if recorded == "sample":
+            body["medtune"]["data_reports"] = {t: {"source": samples[t.split("_")[0]]} for t in reports}
+        results.write_text(json.dumps(body))
+    card, results = _card_results(capsys, study_copy / "runs" / "lora", tmp_path)
+    assert len(results) == 5
+    by_task = {(r.dataset_config, r.metric_config): r for r in results}
+    step1, f1 = by_task[("step1", None)], by_task[(None, "f1")]
+    if recorded == "sample":
+        assert {r.dataset_type for r in results} == {"medtune-sample-usmle", "medtune-sample-medquad"}
+        assert step1.dataset_name.startswith("medtune's shipped USMLE-style sample, Step 1")
+        assert "not the USMLE self-assessment" in step1.dataset_name
+        assert "not KnowTuning's test split" in f1.dataset_name
+        assert "medical_meadow_usmle_self_assessment" not in card.data.to_yaml()
+        assert "| medtune's shipped USMLE-style sample, Step 2" in card.text
+    else:
+        assert step1.dataset_type == "medalpaca/medical_meadow_usmle_self_assessment"
+        assert all("(the evaluation did not record its data)" in r.dataset_name for r in results)
+
+
+def test_the_medquad_task_records_the_file_it_scored():
+    from components.evaluation.medquad import load_medquad
+    from components.evaluation.usmle import DATA_REPORTS
+
+    sample = "components/data/sample/knowtuning_medquad/medquad_test.json"
+    docs = load_medquad(medquad_test=str(REPO_ROOT / sample), bertscore_model="none")["test"]
+    assert DATA_REPORTS["medquad"] == {"source": str(REPO_ROOT / sample), "questions": len(docs), "scored": len(docs)}
+    assert len(docs) == 20
 
 
 def test_base_model_and_datasets_come_from_the_study_configs():

@@ -332,6 +332,14 @@ def test_a_small_study_end_to_end_through_tune_and_lm_eval(tmp_path):
     assert manifest["packages"]["torchtune"] == "0.6.1"
     for name in ("loss.png", "usmle.png"):
         assert (out / "plots" / name).stat().st_size > 1000
+    # the model card names the data the evaluation recorded scoring: the shipped sample
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    pushed = run_cli("medtune", ["push", str(out / "runs" / "full_sft"), "--repo-id", "someone/x", "--dry-run"]).stdout
+    (tmp_path / "README.md").write_text(pushed.split("----- README.md -----\n", 1)[1])
+    _, scored = model_index_to_eval_results(ModelCard.load(tmp_path / "README.md").data.to_dict()["model-index"])
+    assert {r.dataset_type for r in scored} == {"medtune-sample-usmle"}, [r.dataset_type for r in scored]
     # the dry run printed exactly the commands that ran; now it lists them as up to date
     assert planned == [" ".join(step["command"]) for step in manifest["steps"]]
     again = run_cli("medtune", ["study", str(path), "--dry-run"]).stdout.splitlines()

@@ -26,6 +26,7 @@ from components.data.json_records import read_json
 from components.data.templates import format_prompt
 from components.evaluation.bertscore import bertscore, resolve_model
 from components.evaluation.text_metrics import rouge_l, token_f1
+from components.evaluation.usmle import DATA_REPORTS
 
 MEDQUAD_TEST_ENV = "MEDTUNE_MEDQUAD_TEST"
 KNOWTUNING_TEST_URL = "https://raw.githubusercontent.com/youganglyu/KnowTuning/main/data/meduqad/medquad_test.json"
@@ -91,6 +92,8 @@ def load_medquad(
         }
         for i, row in enumerate(read_medquad_test(str(source)))
     ]
+    # results.json records which file was scored (the shipped sample or the real split), as for USMLE
+    DATA_REPORTS["medquad"] = {"source": str(source), "questions": len(docs), "scored": len(docs)}
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
 
 

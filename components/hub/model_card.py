@@ -7,6 +7,7 @@ seed, versions, git commit, timings) and results (each score with its 95% interv
 untrained baseline's), and says plainly what the model is not for.
 """
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -20,6 +21,10 @@ from components.hub.run import RunInfo
 
 USMLE_HUB_ID = "medalpaca/medical_meadow_usmle_self_assessment"
 MEDQUAD_HUB_ID = "lavita/MedQuAD"
+# medtune's shipped samples (made-up stand-ins in the real layouts): scores on them are named as such
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
+SHIPPED_SAMPLES = {"usmle": SAMPLE_DIR / "usmle", "medquad": SAMPLE_DIR / "knowtuning_medquad" / "medquad_test.json"}
+SAMPLE_IDS = {"usmle": "medtune-sample-usmle", "medquad": "medtune-sample-medquad"}  # not Hub ids, on purpose
 # torchtune builder names ("llama3_2_3b", "lora_llama3_2_3b", "qlora_llama3_2_1b") -> Hub ids
 _BUILDER = re.compile(r"(?:q?lora_)?llama3_2_(1b|3b)$")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -101,23 +106,57 @@ def recipe_of(command: List[str]) -> str:
     return rest[0] if rest else ""
 
 
-def task_dataset(task: str) -> Tuple[str, str, Optional[str], str]:
-    """``(hub id, readable name, config, task type)`` of an evaluation task of evals/tasks."""
+def recorded_sources(info: RunInfo) -> Dict[str, str]:
+    """``task -> the data file or folder its evaluation scored``, as each evaluation of the run
+    recorded it in its results.json (``medtune.data_reports``); empty outside a study."""
+    sources: Dict[str, str] = {}
+    if info.study_root is None:
+        return sources
+    for results in sorted(Path(info.study_root).glob(f"evals/*/{info.name}/results.json")):
+        try:
+            reports = json.loads(results.read_text()).get("medtune", {}).get("data_reports", {})
+        except (OSError, ValueError):
+            continue
+        sources.update({task: str(r["source"]) for task, r in reports.items() if r.get("source")})
+    return sources
+
+
+def is_shipped_sample(source: str, kind: str) -> bool:
+    """Whether ``source`` is medtune's shipped sample for ``kind`` (``usmle`` or ``medquad``),
+    named relative to the repository root (as the study files do) or by any absolute path."""
+    sample = SHIPPED_SAMPLES[kind]
+    path = Path(source)
+    tail = sample.relative_to(SAMPLE_DIR.parents[2]).parts  # components/data/sample/...
+    return path.parts[-len(tail):] == tail or (path.exists() and path.resolve() == sample)
+
+
+def task_dataset(task: str, source: Optional[str] = None) -> Tuple[str, str, Optional[str], str]:
+    """``(dataset id, readable name, config, task type)`` of an evaluation task of evals/tasks:
+    the real set's Hub id, or medtune's shipped sample where ``source`` (the data the evaluation
+    recorded scoring) is that sample, which must not pass for the real set."""
+    unrecorded = "" if source else " (the evaluation did not record its data)"
     step = re.fullmatch(r"usmle_step([123])(_gen)?", task)
     if step:
         how = "first option letter of a greedy generation" if step.group(2) else "log-likelihood of the option letters"
-        name = f"USMLE self-assessment Step {step.group(1)} ({how})"
+        if source and is_shipped_sample(source, "usmle"):
+            name = f"medtune's shipped USMLE-style sample, Step {step.group(1)} (made-up questions, not the USMLE self-assessment; {how})"
+            return SAMPLE_IDS["usmle"], name, f"step{step.group(1)}", "question-answering"
+        name = f"USMLE self-assessment Step {step.group(1)} ({how}){unrecorded}"
         return USMLE_HUB_ID, name, f"step{step.group(1)}", "question-answering"
     if task == "medquad":
-        return MEDQUAD_HUB_ID, "MedQuAD (KnowTuning's test split)", None, "text-generation"
+        if source and is_shipped_sample(source, "medquad"):
+            name = "medtune's shipped MedQuAD-style sample (made-up items, not KnowTuning's test split)"
+            return SAMPLE_IDS["medquad"], name, None, "text-generation"
+        return MEDQUAD_HUB_ID, f"MedQuAD (KnowTuning's test split){unrecorded}", None, "text-generation"
     return task, task, None, "text-generation"
 
 
-def eval_results(cells: List[Dict[str, Any]]) -> List[EvalResult]:
-    """One `EvalResult` per score of the run in the study's results.json."""
+def eval_results(cells: List[Dict[str, Any]], sources: Optional[Dict[str, str]] = None) -> List[EvalResult]:
+    """One `EvalResult` per score of the run in the study's results.json, each naming the data
+    that was scored (``sources``: `recorded_sources`)."""
     results = []
     for cell in cells:
-        dataset, name, config, task_type = task_dataset(cell["task"])
+        dataset, name, config, task_type = task_dataset(cell["task"], (sources or {}).get(cell["task"]))
         metric_type, metric_config, metric_name = METRICS.get(cell["metric"], (cell["metric"], None, cell["metric"]))
         results.append(
             EvalResult(
@@ -175,7 +214,7 @@ def _difference(cell: Dict[str, Any]) -> str:
     return f"{cell['diff']:+.3f} [{cell['diff_low']:+.3f}, {cell['diff_high']:+.3f}]{mark}"
 
 
-def evaluation_table(info: RunInfo) -> str:
+def evaluation_table(info: RunInfo, sources: Optional[Dict[str, str]] = None) -> str:
     """Markdown: every score of the run with its 95% interval, n, and the baseline beside it."""
     baseline = {(c["task"], c["metric"]): c for c in info.baseline}
     lines = [
@@ -183,7 +222,7 @@ def evaluation_table(info: RunInfo) -> str:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for cell in info.results:
-        name = task_dataset(cell["task"])[1]
+        name = task_dataset(cell["task"], (sources or {}).get(cell["task"]))[1]
         metric = METRICS.get(cell["metric"], (None, None, cell["metric"]))[2]
         base = baseline.get((cell["task"], cell["metric"]))
         lines.append(f"| {name} | {metric} | {cell['n']} | {_score(cell)} | {_score(base)} | {_difference(cell)} |")
@@ -274,6 +313,7 @@ def build_card(
     tags = ["medical", "torchtune", "medtune", method] + (["peft", "lora"] if adapter else [])
     study_name = info.study.get("study")
     source = f"medtune study {study_name}" if study_name else "medtune"
+    sources = recorded_sources(info)
     data = ModelCardData(
         base_model=base_model,
         datasets=datasets or None,
@@ -283,7 +323,7 @@ def build_card(
         pipeline_tag="text-generation",
         language=["en"],
         model_name=repo_id.split("/")[-1] if info.results else None,  # the model-index's name
-        eval_results=eval_results(info.results) or None,
+        eval_results=eval_results(info.results, sources) or None,
     )
     short = _Shortener(info)
     what = "PEFT adapter" if adapter else "merged model (safetensors)"
@@ -314,7 +354,8 @@ def build_card(
         body += [
             f"From the study's results.json ({source}), lm-eval tasks of medtune's `evals/tasks`: each score with "
             "its 95% bootstrap interval, the study's baseline (the model before fine-tuning) beside it, and the "
-            "difference with a paired 95% bootstrap interval (n.s. = it contains 0).", "", evaluation_table(info), "",
+            "difference with a paired 95% bootstrap interval (n.s. = it contains 0).", "",
+            evaluation_table(info, sources), "",
         ]
         if any(c["metric"].startswith("bertscore") for c in info.results):
             body += [f"BERTScore model: {bertscore_model(info)}.", ""]
