@@ -144,7 +144,7 @@ class StepCheckpointClient:
 
     def exit_cleanly_on_interrupt(self) -> None:
         """From now on Ctrl-C (SIGINT) ends the run with exit status 130 and, instead of a
-        traceback, one line naming the last complete checkpoint and the command resuming it."""
+        traceback, two lines: the last complete checkpoint, and the command resuming it."""
         signal.signal(signal.SIGINT, self._interrupted)
 
     def _interrupted(self, signum: int, frame: Any) -> None:

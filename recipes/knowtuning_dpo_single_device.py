@@ -40,7 +40,6 @@
 import inspect
 import sys
 import time
-from pathlib import Path
 
 from functools import partial
 from typing import Any, Dict, Optional, Tuple
@@ -59,9 +58,7 @@ from torchtune.datasets import ConcatDataset
 from torchtune.modules.peft import (
     disable_adapter,
     get_adapter_params,
-    get_adapter_state_dict,
     get_lora_module_names,
-    get_merged_lora_ckpt,
     set_trainable_params,
     validate_missing_and_unexpected_for_lora,
 )
@@ -70,24 +67,12 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
 from components.checkpointing import (
-    ADAPTER_DIRNAME,
-    adapter_folder,
-    copy_weights_merged_in_place,
-    keep_only_adapter_files,
-    move_adapter_files,
     GLOBAL_STEP_KEY,
-    RNG_STATE_KEY,
-    check_finite_loss,
-    check_positive,
-    find_resume_dir,
-    load_recipe_state,
-    prune_step_checkpoints,
-    restore_rng_state,
-    rng_state,
-    save_recipe_state,
-    write_atomically,
-    write_with_checkpointer,
+    epoch_folder_name,
+    lora_checkpoint_dict,
+    write_lora_checkpoint,
 )
+from components.step_checkpoints import StepCheckpointClient
 from components.config_check import exit_on_config_problems
 
 log = utils.get_logger("DEBUG")
@@ -201,15 +186,15 @@ class KnowTuningDPORecipeSingleDevice(FTRecipeInterface):
         self._resume_from_checkpoint = cfg.resume_from_checkpoint
         self._save_adapter_weights_only = cfg.get("save_adapter_weights_only", False)
         self._gradient_accumulation_steps = cfg.gradient_accumulation_steps
-        # medtune: step checkpoints and where to resume from
-        self._resume_from = cfg.get("resume_from", None)
-        self._save_every_n_steps = check_positive(
-            "save_every_n_steps", cfg.get("save_every_n_steps", None)
+        # medtune: step checkpoints, where to resume from, and a Ctrl-C that names both
+        self._checkpoints = StepCheckpointClient(
+            cfg.output_dir,
+            resume_from_checkpoint=cfg.resume_from_checkpoint,
+            resume_from=cfg.get("resume_from", None),
+            save_every_n_steps=cfg.get("save_every_n_steps", None),
+            keep_last_n_checkpoints=cfg.get("keep_last_n_checkpoints", None),
         )
-        self._keep_last_n_checkpoints = check_positive(
-            "keep_last_n_checkpoints", cfg.get("keep_last_n_checkpoints", None)
-        )
-        self._resumed_rng_state = None
+        self._checkpoints.exit_cleanly_on_interrupt()
 
     def load_checkpoint(self, cfg_checkpointer: DictConfig) -> Dict[str, Any]:
         """
@@ -227,18 +212,9 @@ class KnowTuningDPORecipeSingleDevice(FTRecipeInterface):
             f"{cfg_checkpointer.get('checkpoint_dir', '<checkpointer default>')}"
         )
 
-        if self._resume_from_checkpoint:
-            resume_dir = find_resume_dir(self._output_dir, self._resume_from)
-            adapter_file = adapter_folder(resume_dir) / "adapter_model.pt"
-            if not adapter_file.is_file():
-                raise ValueError(
-                    f"cannot resume from {resume_dir}: no adapter at {adapter_file}"
-                )
-            log.info(f"Resuming from {resume_dir} (adapter: {adapter_file})")
-            checkpoint_dict[training.ADAPTER_KEY] = torch.load(
-                adapter_file, map_location="cpu", weights_only=True
-            )
-            checkpoint_dict.update(load_recipe_state(resume_dir))
+        if self._checkpoints.resuming:
+            checkpoint_dict[training.ADAPTER_KEY] = self._checkpoints.load_adapter()
+            checkpoint_dict.update(self._checkpoints.load_state())
             # _update_recipe_state will throw an exception if the recipe state is not correctly loaded
             # no need to check here
             self._update_recipe_state(checkpoint_dict)
@@ -270,7 +246,6 @@ class KnowTuningDPORecipeSingleDevice(FTRecipeInterface):
                 self.max_steps_per_epoch = ckpt_dict[training.MAX_STEPS_KEY]
             # medtune: mid-epoch position; the RNG is restored when training starts (`train`)
             self.global_step = ckpt_dict[GLOBAL_STEP_KEY]
-            self._resumed_rng_state = ckpt_dict[RNG_STATE_KEY]
 
             # on mismatch, warn the user but allow the override
             if self.total_epochs != ckpt_dict[training.TOTAL_EPOCHS_KEY]:
@@ -528,85 +503,38 @@ class KnowTuningDPORecipeSingleDevice(FTRecipeInterface):
         with ``recipe_state.pt`` in the latter when more epochs follow.
         """
         self._write_checkpoint(
-            f"epoch_{epoch}", with_recipe_state=epoch + 1 < self.total_epochs, epoch_end=True
+            epoch_folder_name(epoch), with_recipe_state=epoch + 1 < self.total_epochs, epoch_end=True
         )
-
-    def _recipe_state(self, epoch_end: bool) -> Dict[str, Any]:
-        """medtune: everything a resumed run needs besides the weights (weights_only-loadable).
-
-        At an epoch's end the dataloader position is left out: the next epoch starts afresh
-        (a loop stopped by max_steps_per_epoch would otherwise skip that many batches).
-        """
-        return {
-            training.OPT_KEY: self._optimizer.state_dict(),
-            training.SEED_KEY: self.seed,
-            training.EPOCHS_KEY: self.epochs_run,
-            training.TOTAL_EPOCHS_KEY: self.total_epochs,
-            training.MAX_STEPS_KEY: self.max_steps_per_epoch,
-            training.DATALOADER_KEY: None if epoch_end else self._dataloader.state_dict(),
-            GLOBAL_STEP_KEY: self.global_step,
-            RNG_STATE_KEY: rng_state(),
-        }
 
     def _write_checkpoint(
         self, folder: str, with_recipe_state: bool, epoch_end: bool = False
-    ) -> Path:
-        """medtune: ``output_dir/<folder>``, written atomically: a kill during the save leaves
-        only a staging folder that resuming ignores. A step folder holds the adapter (+ recipe
-        state); an epoch folder the merged weights, its adapter going to adapter/<folder>/."""
-        ckpt_dict = {}
-        adapter_state_dict = get_adapter_state_dict(self._model.state_dict())
-        ckpt_dict.update({training.ADAPTER_KEY: adapter_state_dict})
+    ) -> None:
+        """medtune: ``output_dir/<folder>``, written atomically (components.step_checkpoints):
+        a step folder holds the adapter (+ recipe state); an epoch folder the merged weights,
+        its adapter going to adapter/<folder>/ (components.checkpointing.write_lora_checkpoint)."""
         adapter_only = self._save_adapter_weights_only or not epoch_end
-        if not adapter_only:
-            # Construct the full state dict with LoRA weights merged into base LLM weights
-
-            # Move to CPU to avoid a copy on GPU
-            state_dict = {k: v.cpu() for k, v in self._model.state_dict().items()}
-            # medtune: on CPU those are the live weights; the merge below must not touch them.
-            if self._device.type == "cpu":
-                state_dict = copy_weights_merged_in_place(state_dict)
-
-            merged_state_dict = get_merged_lora_ckpt(
-                state_dict,
-                rank=self._lora_rank,
-                alpha=self._lora_alpha,
-            )
-
-            ckpt_dict.update({training.MODEL_KEY: merged_state_dict})
-
-        adapter_config = {
-            "r": self._lora_rank,
-            "lora_alpha": self._lora_alpha,
-            "target_modules": get_lora_module_names(
+        ckpt_dict = lora_checkpoint_dict(
+            self._model.state_dict(),
+            rank=self._lora_rank,
+            alpha=self._lora_alpha,
+            target_modules=get_lora_module_names(
                 self._lora_attn_modules,
                 self._apply_lora_to_mlp,
                 self._apply_lora_to_output,
             ),
-            "peft_type": "LORA",
-        }
-        ckpt_dict.update({training.ADAPTER_CONFIG: adapter_config})
-
-        def write(staging: Path) -> None:
-            write_with_checkpointer(
-                self._checkpointer, staging, ckpt_dict, adapter_only=adapter_only
-            )
-            if epoch_end:
-                # keep epoch_N/ a plain merged HF model; the adapter gets its own folder,
-                # complete before epoch_N/ appears
-                write_atomically(
-                    Path(self._output_dir) / ADAPTER_DIRNAME,
-                    folder,
-                    lambda adapter_staging: move_adapter_files(staging, adapter_staging),
-                )
-            else:
-                keep_only_adapter_files(staging)
-            if with_recipe_state:
-                save_recipe_state(staging, self._recipe_state(epoch_end))
-
-        target = write_atomically(self._output_dir, folder, write)
-        log.info(f"Checkpoint written to {target}" + (" (resumable)" if with_recipe_state else ""))
-        return target
+            merge=not adapter_only,
+            # medtune: on CPU those are the live weights; the merge must not touch them
+            copy_base=self._device.type == "cpu",
+        )
+        self._checkpoints.save(
+            folder,
+            lambda staging: write_lora_checkpoint(
+                self._checkpointer, staging, folder, self._output_dir, ckpt_dict, adapter_only
+            ),
+            self._checkpoints.recipe_state(self, self._optimizer.state_dict(), epoch_end)
+            if with_recipe_state
+            else None,
+        )
 
     def concatenated_forward(
         self, model: nn.Module, batch: Tuple[torch.Tensor, torch.Tensor]
@@ -680,15 +608,8 @@ class KnowTuningDPORecipeSingleDevice(FTRecipeInterface):
             # medtune: optimizer steps already taken in this epoch (non-zero after a mid-epoch resume)
             steps_in_epoch = self.global_step - curr_epoch * self._steps_per_epoch
             pbar = tqdm(total=self._steps_per_epoch, initial=steps_in_epoch)
-            # medtune: a resumed run's RNG continues the saved stream. Starting an epoch's
-            # iterator draws a seed from it, so restore before that at an epoch boundary and
-            # after it mid-epoch (where the saved run had already drawn it).
-            resumed_rng, self._resumed_rng_state = self._resumed_rng_state, None
-            if resumed_rng is not None and steps_in_epoch == 0:
-                restore_rng_state(resumed_rng)
-            batches = iter(self._dataloader)
-            if resumed_rng is not None and steps_in_epoch > 0:
-                restore_rng_state(resumed_rng)
+            # medtune: a resumed run's RNG continues the saved stream
+            batches = self._checkpoints.epoch_batches(self._dataloader, steps_in_epoch)
             for idx, batch in enumerate(batches):
                 # batch is input_ids, labels
                 num_tokens += batch[0].numel()
@@ -741,9 +662,9 @@ class KnowTuningDPORecipeSingleDevice(FTRecipeInterface):
 
                 # Step with optimizer
                 if (idx + 1) % self._gradient_accumulation_steps == 0:
-                    # medtune: a NaN/inf loss stops the run here, before this step is saved
+                    # medtune: a NaN/inf loss stops the run here, before the optimizer step
                     loss_to_log = running_loss.item()
-                    check_finite_loss(loss_to_log, self.global_step + 1, self._output_dir)
+                    self._checkpoints.check_loss(loss_to_log, self.global_step + 1)
                     self._optimizer.step()
                     self._optimizer.zero_grad(set_to_none=True)
 
@@ -798,15 +719,11 @@ class KnowTuningDPORecipeSingleDevice(FTRecipeInterface):
                     num_tokens = 0
 
                     # medtune: step-based checkpoints (the epoch's last step gets the epoch one)
-                    if (
-                        self._save_every_n_steps
-                        and self.global_step % self._save_every_n_steps == 0
-                        and steps_in_epoch < self._steps_per_epoch
-                    ):
-                        self._write_checkpoint(
-                            f"step_{self.global_step}", with_recipe_state=True
-                        )
-                        prune_step_checkpoints(self._output_dir, self._keep_last_n_checkpoints)
+                    folder = self._checkpoints.due_step_folder(
+                        self.global_step, steps_in_epoch, self._steps_per_epoch
+                    )
+                    if folder:
+                        self._write_checkpoint(folder, with_recipe_state=True)
                     t0 = time.perf_counter()
 
                 # medtune: counted in optimizer steps, so a resumed epoch stops where it should
