@@ -30,7 +30,6 @@ import sys
 import time
 
 from functools import partial
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 from warnings import warn
 
@@ -60,61 +59,14 @@ from torchtune.training.lr_schedulers import get_lr
 from tqdm import tqdm
 
 from components.checkpointing import (
-    check_finite_loss,
-    check_positive,
-    find_resume_dir,
     GLOBAL_STEP_KEY,
-    load_recipe_state,
-    prune_step_checkpoints,
-    restore_rng_state,
-    RNG_STATE_KEY,
-    rng_state,
-    save_recipe_state,
-    write_atomically,
+    epoch_folder_name,
     write_with_checkpointer,
 )
+from components.step_checkpoints import LR_SCHEDULER_KEY, StepCheckpointClient
 from components.config_check import exit_on_config_problems
 
 log = utils.get_logger("DEBUG")
-
-# medtune: recipe-state keys beyond torchtune's and components.checkpointing's. Each rank has its
-# own dataloader position and RNG streams: rank 0 gathers them into one list, indexed by rank.
-LR_SCHEDULER_KEY = "lr_scheduler"
-RANK_STATES_KEY = "rank_states"
-DATALOADER_STATE = "dataloader"
-
-
-def _gather_rank_states(state: Dict[str, Any], world_size: int, is_rank_zero: bool):
-    """medtune: every rank's ``state``, as a list indexed by rank, on rank 0 (None elsewhere)."""
-    gathered = [None] * world_size if is_rank_zero else None
-    torch.distributed.gather_object(state, gathered, dst=0)
-    return gathered
-
-
-def _own_rank_state(
-    ckpt_dict: Dict[str, Any], rank: int, world_size: int
-) -> Optional[Dict[str, Any]]:
-    """medtune: this rank's saved dataloader position and RNG states (None: start them afresh).
-
-    A mid-epoch checkpoint needs the world size it was written with (each rank's position is
-    in its own shard of the data); at an epoch's end only the RNG streams are lost.
-    """
-    rank_states = ckpt_dict[RANK_STATES_KEY]
-    if len(rank_states) == world_size:
-        return rank_states[rank]
-    if any(state[DATALOADER_STATE] is not None for state in rank_states):
-        raise ValueError(
-            f"this checkpoint was written mid-epoch by {len(rank_states)} processes; resume it "
-            f"with --nproc_per_node {len(rank_states)} (not {world_size}), or resume from an "
-            "epoch_N/ checkpoint, which any number of processes can continue"
-        )
-    if rank == 0:
-        log.warning(
-            f"resuming a {len(rank_states)}-process checkpoint with {world_size} processes: "
-            "the model, optimizer and schedule continue, but the random streams start afresh"
-        )
-    return None
-
 
 # medtune: the helpers below replace torchtune calls that assume an accelerator.
 def _process_group_backend(device_type: str, offload_ops_to_cpu: bool) -> str:
@@ -285,15 +237,18 @@ class FullFinetuneRecipeDistributed(FTRecipeInterface):
         self._gradient_accumulation_steps = cfg.gradient_accumulation_steps
         self._optimizer_in_bwd = cfg.get("optimizer_in_bwd", False)
         self._clip_grad_norm = cfg.get("clip_grad_norm", None)
-        # medtune: step checkpoints and resume (components.checkpointing); missing keys default
+        # medtune: step checkpoints, resume and Ctrl-C (components.step_checkpoints); missing
+        # keys default
         self._resume_from_checkpoint = cfg.get("resume_from_checkpoint", False)
-        self._resume_from = cfg.get("resume_from", None)
-        self._save_every_n_steps = check_positive(
-            "save_every_n_steps", cfg.get("save_every_n_steps", None)
+        self._checkpoints = StepCheckpointClient(
+            cfg.output_dir,
+            resume_from_checkpoint=self._resume_from_checkpoint,
+            resume_from=cfg.get("resume_from", None),
+            save_every_n_steps=cfg.get("save_every_n_steps", None),
+            keep_last_n_checkpoints=cfg.get("keep_last_n_checkpoints", None),
+            distributed=True,
         )
-        self._keep_last_n_checkpoints = check_positive(
-            "keep_last_n_checkpoints", cfg.get("keep_last_n_checkpoints", None)
-        )
+        self._checkpoints.exit_cleanly_on_interrupt()
 
         # Optimizer in backward is not compatible with gradient accumulation or gradient clipping
         if self._optimizer_in_bwd:
@@ -344,7 +299,6 @@ class FullFinetuneRecipeDistributed(FTRecipeInterface):
         self.max_steps_per_epoch = cfg.max_steps_per_epoch
         self.global_step = 0
         self._resumed_state = None  # medtune: the recipe state of the checkpoint resumed from
-        self._resumed_rank_state = None
 
     def load_checkpoint(self, cfg_checkpointer: DictConfig) -> Dict[str, Any]:
         """
@@ -355,20 +309,10 @@ class FullFinetuneRecipeDistributed(FTRecipeInterface):
         self._checkpointer = config.instantiate(
             cfg_checkpointer, should_load_recipe_state=False
         )
-        resume_dir = None
-        if self._resume_from_checkpoint:
-            resume_dir = find_resume_dir(self._output_dir, self._resume_from)
-            shards = sorted(resume_dir.glob("model-*.safetensors"))
-            if not hasattr(self._checkpointer, "_checkpoint_paths") or not shards:
-                raise ValueError(
-                    f"cannot resume from {resume_dir}: this recipe resumes Hugging Face format "
-                    "checkpoints (torchtune.training.FullModelHFCheckpointer) written by itself"
-                )
-            self._checkpointer._checkpoint_paths = shards
-            utils.log_rank_zero(log, f"Resuming from {resume_dir}")
+        self._checkpoints.point_at_resume_weights(self._checkpointer)
         checkpoint_dict = self._checkpointer.load_checkpoint()
-        if resume_dir is not None:
-            checkpoint_dict.update(load_recipe_state(resume_dir))
+        if self._checkpoints.resuming:
+            checkpoint_dict.update(self._checkpoints.load_state())
             self._update_recipe_state(checkpoint_dict)
         return checkpoint_dict
 
@@ -399,9 +343,6 @@ class FullFinetuneRecipeDistributed(FTRecipeInterface):
             # medtune: mid-epoch position; the RNG streams are restored once setup is done
             self.global_step = ckpt_dict[GLOBAL_STEP_KEY]
             self._resumed_state = ckpt_dict
-            self._resumed_rank_state = _own_rank_state(
-                ckpt_dict, self.rank, self.world_size
-            )
 
             # on mismatch, warn the user but allow the override
             if self.total_epochs != ckpt_dict[training.TOTAL_EPOCHS_KEY]:
@@ -480,11 +421,7 @@ class FullFinetuneRecipeDistributed(FTRecipeInterface):
             shuffle=cfg.shuffle,
             batch_size=cfg.batch_size,
             collate_fn=collate_name,
-            dataloader_state_dict=(
-                self._resumed_rank_state[DATALOADER_STATE]
-                if self._resumed_rank_state is not None
-                else None
-            ),
+            dataloader_state_dict=self._checkpoints.resumed_dataloader_state(),
         )
 
         # Finally update the recipe state which can only be correctly set after all of the
@@ -526,8 +463,7 @@ class FullFinetuneRecipeDistributed(FTRecipeInterface):
         )
 
         # medtune: continue this rank's random streams where the saved run left them
-        if self._resumed_rank_state is not None:
-            restore_rng_state(self._resumed_rank_state[RNG_STATE_KEY])
+        self._checkpoints.restore_rng()
         self._resumed_state = None  # the optimizer state is loaded; free it
 
     def _setup_lr_scheduler(
@@ -975,6 +911,12 @@ class FullFinetuneRecipeDistributed(FTRecipeInterface):
                         torch.distributed.all_reduce(num_tokens)
                         # This will ensure that the logged loss matches what we're optimizing
                         torch.distributed.all_reduce(running_loss)
+                    # medtune: every rank holds the all-reduced loss, so every rank stops here,
+                    # before the optimizer step, when it is NaN/inf (optimizer_in_bwd: the
+                    # backward has stepped already)
+                    loss_to_log = running_loss.item() / num_tokens
+                    self._checkpoints.check_loss(loss_to_log, self.global_step + 1)
+                    if not self._optimizer_in_bwd:
                         # Manually scale the gradients from unnormalized loss by total # of tokens
                         # We multiply by world_size to undo FSDP2 gradient normalization.
                         training.scale_grads(self._model, self.world_size / num_tokens)
@@ -997,9 +939,6 @@ class FullFinetuneRecipeDistributed(FTRecipeInterface):
                     if self._lr_scheduler is not None:
                         self._lr_scheduler.step()
 
-                    loss_to_log = running_loss.item() / num_tokens
-                    # medtune: every rank holds the all-reduced loss, so every rank stops here
-                    check_finite_loss(loss_to_log, self.global_step, self._output_dir)
                     pbar.update(1)
                     pbar.set_description(
                         f"{curr_epoch + 1}|{self.global_step}|Loss: {loss_to_log}"
@@ -1039,12 +978,11 @@ class FullFinetuneRecipeDistributed(FTRecipeInterface):
                     num_tokens = 0
 
                     # medtune: step checkpoints (the epoch's last step gets the epoch one)
-                    if (
-                        self._save_every_n_steps
-                        and self.global_step % self._save_every_n_steps == 0
-                        and steps_in_epoch < self._steps_per_epoch
-                    ):
-                        self.save_checkpoint(f"step_{self.global_step}", resumable=True)
+                    folder = self._checkpoints.due_step_folder(
+                        self.global_step, steps_in_epoch, self._steps_per_epoch
+                    )
+                    if folder:
+                        self.save_checkpoint(folder, resumable=True)
                     t0 = time.perf_counter()
 
                     # Stop tracking CUDA memory now that active steps are complete
@@ -1071,7 +1009,7 @@ class FullFinetuneRecipeDistributed(FTRecipeInterface):
 
             self.epochs_run += 1
             self.save_checkpoint(
-                f"epoch_{curr_epoch}",
+                epoch_folder_name(curr_epoch),
                 resumable=curr_epoch + 1 < self.total_epochs,
                 epoch_end=True,
             )
@@ -1084,76 +1022,40 @@ class FullFinetuneRecipeDistributed(FTRecipeInterface):
         """
         medtune: write ``output_dir/<folder>/``: HF weights and, if ``resumable``, the recipe
         state. Every rank takes part in gathering the full state dicts to rank 0, which writes
-        the folder atomically (staging folder, then rename) and prunes old step folders; all
-        ranks wait for it.
+        the folder atomically (components.step_checkpoints); all ranks wait for it.
         """
         utils.log_rank_zero(
             log, f"Saving {folder}. Retrieving full model state dict..."
         )
-        start = time.perf_counter()
         model_state_dict = training.gather_cpu_state_dict(
             self._model, self._is_rank_zero, device=self._device
         )
-        recipe_state = self._recipe_state(epoch_end) if resumable else None
-
-        if self._is_rank_zero:
-
-            def write(staging: Path) -> None:
-                write_with_checkpointer(
-                    self._checkpointer, staging, {training.MODEL_KEY: model_state_dict}
-                )
-                if recipe_state is not None:
-                    save_recipe_state(staging, recipe_state)
-
-            target = write_atomically(self._output_dir, folder, write)
-            if folder.startswith("step_"):
-                prune_step_checkpoints(self._output_dir, self._keep_last_n_checkpoints)
-            log.info(
-                f"Checkpoint written to {target}"
-                + (" (resumable)" if resumable else "")
-                + f" in {time.perf_counter() - start:.2f} secs"
+        recipe_state = (
+            self._checkpoints.recipe_state(
+                self, self._full_optimizer_state(), epoch_end, self._lr_scheduler
             )
-        torch.distributed.barrier()
+            if resumable
+            else None
+        )
+        self._checkpoints.save(
+            folder,
+            lambda staging: write_with_checkpointer(
+                self._checkpointer, staging, {training.MODEL_KEY: model_state_dict}
+            ),
+            recipe_state,
+        )
 
-    def _recipe_state(self, epoch_end: bool) -> Optional[Dict[str, Any]]:
-        """
-        medtune: everything a resumed run needs besides the weights, on rank 0 (None elsewhere;
-        every rank must call this: the gathers are collective). Loadable with weights_only=True.
-
-        At an epoch's end the dataloader positions are left out: the next epoch starts afresh.
-        """
+    def _full_optimizer_state(self) -> Dict[str, Any]:
+        """medtune: the full optimizer state on rank 0 (every rank must call it: collective)."""
         if not self._optimizer_in_bwd:
-            opt_state_dict = training.get_full_optimizer_state_dict(
+            return training.get_full_optimizer_state_dict(
                 self._model, self._optimizer, self._is_rank_zero, device=self._device
             )
-        else:
-            opt_state_dict = {
-                param: training.get_full_optimizer_state_dict(
-                    self._model, opt, self._is_rank_zero, device=self._device
-                )
-                for param, opt in self._optim_ckpt_wrapper.optim_map.items()
-            }
-        rank_states = _gather_rank_states(
-            {
-                DATALOADER_STATE: None if epoch_end else self._dataloader.state_dict(),
-                RNG_STATE_KEY: rng_state(),
-            },
-            self.world_size,
-            self._is_rank_zero,
-        )
-        if not self._is_rank_zero:
-            return None
         return {
-            training.SEED_KEY: self.seed,
-            training.EPOCHS_KEY: self.epochs_run,
-            training.TOTAL_EPOCHS_KEY: self.total_epochs,
-            training.MAX_STEPS_KEY: self.max_steps_per_epoch,
-            training.OPT_KEY: opt_state_dict,
-            LR_SCHEDULER_KEY: (
-                self._lr_scheduler.state_dict() if self._lr_scheduler is not None else None
-            ),
-            GLOBAL_STEP_KEY: self.global_step,
-            RANK_STATES_KEY: rank_states,
+            param: training.get_full_optimizer_state_dict(
+                self._model, opt, self._is_rank_zero, device=self._device
+            )
+            for param, opt in self._optim_ckpt_wrapper.optim_map.items()
         }
 
     def cleanup(self) -> None:

@@ -64,7 +64,6 @@ from torchtune.modules.peft import (
     get_adapter_params,
     get_adapter_state_dict,
     get_lora_module_names,
-    get_merged_lora_ckpt,
     LoRALinear,
     set_trainable_params,
     validate_missing_and_unexpected_for_lora,
@@ -72,81 +71,19 @@ from torchtune.modules.peft import (
 from torchao.dtypes.nf4tensor import NF4Tensor
 from torchtune.recipe_interfaces import FTRecipeInterface
 from torchtune.training import DummyProfiler, PROFILER_KEY
-from torchtune.training.checkpointing._utils import safe_torch_load
 
 from tqdm import tqdm
 
 from components.checkpointing import (
-    ADAPTER_DIRNAME,
-    copy_weights_merged_in_place,
-    move_adapter_files,
-    check_finite_loss,
-    check_positive,
-    find_resume_dir,
     GLOBAL_STEP_KEY,
-    load_recipe_state,
-    prune_step_checkpoints,
-    restore_rng_state,
-    RNG_STATE_KEY,
-    rng_state,
-    save_recipe_state,
-    write_atomically,
-    write_with_checkpointer,
+    epoch_folder_name,
+    lora_checkpoint_dict,
+    write_lora_checkpoint,
 )
+from components.step_checkpoints import LR_SCHEDULER_KEY, StepCheckpointClient
 from components.config_check import exit_on_config_problems
 
 log = utils.get_logger("DEBUG")
-
-def _adapter_checkpoint_file(resume_dir: Path, output_dir: Union[str, Path]) -> Path:
-    """medtune: the adapter (torchtune keys) of a checkpoint: in step_N/ itself, and for
-    epoch_N/ in output_dir/adapter/epoch_N/."""
-    for folder in (resume_dir, Path(output_dir) / ADAPTER_DIRNAME / resume_dir.name):
-        if (folder / "adapter_model.pt").is_file():
-            return folder / "adapter_model.pt"
-    raise ValueError(
-        f"cannot resume from {resume_dir}: no adapter_model.pt in it or in "
-        f"{Path(output_dir) / ADAPTER_DIRNAME / resume_dir.name}"
-    )
-
-
-# medtune: recipe-state keys beyond torchtune's and components.checkpointing's. Each rank has its
-# own dataloader position and RNG streams: rank 0 gathers them into one list, indexed by rank.
-LR_SCHEDULER_KEY = "lr_scheduler"
-RANK_STATES_KEY = "rank_states"
-DATALOADER_STATE = "dataloader"
-
-
-def _gather_rank_states(state: Dict[str, Any], world_size: int, is_rank_zero: bool):
-    """medtune: every rank's ``state``, as a list indexed by rank, on rank 0 (None elsewhere)."""
-    gathered = [None] * world_size if is_rank_zero else None
-    torch.distributed.gather_object(state, gathered, dst=0)
-    return gathered
-
-
-def _own_rank_state(
-    ckpt_dict: Dict[str, Any], rank: int, world_size: int
-) -> Optional[Dict[str, Any]]:
-    """medtune: this rank's saved dataloader position and RNG states (None: start them afresh).
-
-    A mid-epoch checkpoint needs the world size it was written with (each rank's position is
-    in its own shard of the data); at an epoch's end only the RNG streams are lost.
-    """
-    rank_states = ckpt_dict[RANK_STATES_KEY]
-    if len(rank_states) == world_size:
-        return rank_states[rank]
-    if any(state[DATALOADER_STATE] is not None for state in rank_states):
-        raise ValueError(
-            f"this checkpoint was written mid-epoch by {len(rank_states)} processes; resume it "
-            f"with --nproc_per_node {len(rank_states)} (not {world_size}), or resume from an "
-            "epoch_N/ checkpoint, which any number of processes can continue"
-        )
-    if rank == 0:
-        log.warning(
-            f"resuming a {len(rank_states)}-process checkpoint with {world_size} processes: "
-            "the adapter, optimizer and schedule continue, but the random streams start afresh"
-        )
-    return None
-
 
 # medtune: the helpers below replace torchtune calls that assume an accelerator.
 def _process_group_backend(device_type: str) -> str:
@@ -347,17 +284,19 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
         self._clip_grad_norm = cfg.get("clip_grad_norm", None)
 
         self._save_adapter_weights_only = cfg.get("save_adapter_weights_only", False)
-        # medtune: step checkpoints and resume (components.checkpointing); missing keys default
+        # medtune: step checkpoints, resume and Ctrl-C (components.step_checkpoints); missing
+        # keys default
         self._resume_from_checkpoint = cfg.get("resume_from_checkpoint", False)
-        self._resume_from = cfg.get("resume_from", None)
-        self._save_every_n_steps = check_positive(
-            "save_every_n_steps", cfg.get("save_every_n_steps", None)
+        self._checkpoints = StepCheckpointClient(
+            cfg.output_dir,
+            resume_from_checkpoint=self._resume_from_checkpoint,
+            resume_from=cfg.get("resume_from", None),
+            save_every_n_steps=cfg.get("save_every_n_steps", None),
+            keep_last_n_checkpoints=cfg.get("keep_last_n_checkpoints", None),
+            distributed=True,
         )
-        self._keep_last_n_checkpoints = check_positive(
-            "keep_last_n_checkpoints", cfg.get("keep_last_n_checkpoints", None)
-        )
+        self._checkpoints.exit_cleanly_on_interrupt()
         self._resumed_state = None  # the recipe state of the checkpoint resumed from
-        self._resumed_rank_state = None
         # medtune: parameters already live on the CPU; FSDP's CPU offload would be a no-op.
         self._fsdp_cpu_offload = cfg.get("fsdp_cpu_offload", False)
         if self._fsdp_cpu_offload and self._device.type == "cpu":
@@ -407,13 +346,9 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
             cfg_checkpointer, should_load_recipe_state=False
         )
         checkpoint_dict = self._checkpointer.load_checkpoint()
-        if self._resume_from_checkpoint:
-            resume_dir = find_resume_dir(self._output_dir, self._resume_from)
-            utils.log_rank_zero(log, f"Resuming from {resume_dir}")
-            checkpoint_dict[training.ADAPTER_KEY] = safe_torch_load(
-                _adapter_checkpoint_file(resume_dir, self._output_dir)
-            )
-            checkpoint_dict.update(load_recipe_state(resume_dir))
+        if self._checkpoints.resuming:
+            checkpoint_dict[training.ADAPTER_KEY] = self._checkpoints.load_adapter()
+            checkpoint_dict.update(self._checkpoints.load_state())
             self._update_recipe_state(checkpoint_dict)
         return checkpoint_dict
 
@@ -444,9 +379,6 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
             # medtune: mid-epoch position; the RNG streams are restored once setup is done
             self.global_step = ckpt_dict[GLOBAL_STEP_KEY]
             self._resumed_state = ckpt_dict
-            self._resumed_rank_state = _own_rank_state(
-                ckpt_dict, self.rank, self.world_size
-            )
 
             # on mismatch, warn the user but allow the override
             if self.total_epochs != ckpt_dict[training.TOTAL_EPOCHS_KEY]:
@@ -521,11 +453,7 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
             shuffle=cfg.shuffle,
             batch_size=cfg.batch_size,
             collate_fn=collate_name,
-            dataloader_state_dict=(
-                self._resumed_rank_state[DATALOADER_STATE]
-                if self._resumed_rank_state is not None
-                else None
-            ),
+            dataloader_state_dict=self._checkpoints.resumed_dataloader_state(),
         )
 
         # Finally update the recipe state which can only be correctly set after all of the
@@ -568,8 +496,7 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
         )
 
         # medtune: continue this rank's random streams where the saved run left them
-        if self._resumed_rank_state is not None:
-            restore_rng_state(self._resumed_rank_state[RNG_STATE_KEY])
+        self._checkpoints.restore_rng()
         self._resumed_state = None  # the optimizer state is loaded; free it
 
     def _setup_profiler(
@@ -875,7 +802,7 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
     ) -> None:
         """
         medtune: write a checkpoint folder; every rank takes part in gathering to rank 0, which
-        writes atomically (staging folder, then rename); all ranks wait for it.
+        writes atomically (components.step_checkpoints); all ranks wait for it.
 
         - ``step_N/``: the adapter (PEFT files and torchtune's adapter_model.pt) and the recipe
           state. Only the adapter is gathered, not the frozen base.
@@ -885,7 +812,6 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
         utils.log_rank_zero(
             log, f"Saving {folder}. Retrieving full model state dict..."
         )
-        start = time.perf_counter()
         if epoch_end:
             # To prevent GPU memory from spiking during checkpoint save,
             # we consolidate the full model and optim state dicts on CPU for rank 0
@@ -897,65 +823,39 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
             )
         else:
             cpu_state_dict = self._gather_adapter_state_dict()
-        recipe_state = self._recipe_state(epoch_end) if resumable else None
+        recipe_state = (
+            self._checkpoints.recipe_state(
+                self,
+                training.get_full_optimizer_state_dict(
+                    self._model, self._optimizer, self._is_rank_zero, device=self._device
+                ),
+                epoch_end,
+                self._lr_scheduler,
+            )
+            if resumable
+            else None
+        )
+        adapter_only = self._save_adapter_weights_only or not epoch_end
 
-        if self._is_rank_zero:
-            adapter_only = self._save_adapter_weights_only or not epoch_end
-            if adapter_only:
-                adapter_state_dict = cpu_state_dict
-            else:
-                # Filter out the adapter keys and weights from the model state dict. These will
-                # be saved separately
-                adapter_state_dict = get_adapter_state_dict(cpu_state_dict)
-            adapter_config = {
-                "r": self._lora_rank,
-                "lora_alpha": self._lora_alpha,
-                "target_modules": get_lora_module_names(
+        def write(staging: Path) -> None:
+            checkpoint_dict = lora_checkpoint_dict(
+                cpu_state_dict,
+                rank=self._lora_rank,
+                alpha=self._lora_alpha,
+                target_modules=get_lora_module_names(
                     self._lora_attn_modules,
                     self._apply_lora_to_mlp,
                     self._apply_lora_to_output,
                 ),
-                "peft_type": "LORA",
-            }
-            checkpoint_dict = {
-                training.ADAPTER_KEY: adapter_state_dict,
-                training.ADAPTER_CONFIG: adapter_config,
-            }
-            if not adapter_only:
-                # merge the adapter weights and base weights to create the model checkpoint
-                # medtune: with one CPU process those are the live weights; do not merge into them.
-                if self._device.type == "cpu":
-                    cpu_state_dict = copy_weights_merged_in_place(cpu_state_dict)
-                checkpoint_dict[training.MODEL_KEY] = get_merged_lora_ckpt(
-                    cpu_state_dict,
-                    rank=self._lora_rank,
-                    alpha=self._lora_alpha,
-                )
-
-            def write(staging: Path) -> None:
-                write_with_checkpointer(
-                    self._checkpointer, staging, checkpoint_dict, adapter_only=adapter_only
-                )
-                if epoch_end:
-                    # keep epoch_N/ a plain merged HF model; the adapter gets its own folder
-                    write_atomically(
-                        Path(self._output_dir) / ADAPTER_DIRNAME,
-                        folder,
-                        lambda adapter_staging: move_adapter_files(staging, adapter_staging),
-                    )
-                if recipe_state is not None:
-                    save_recipe_state(staging, recipe_state)
-
-            target = write_atomically(self._output_dir, folder, write)
-            if not epoch_end:
-                prune_step_checkpoints(self._output_dir, self._keep_last_n_checkpoints)
-            log.info(
-                f"Checkpoint written to {target}"
-                + (" (resumable)" if resumable else "")
-                + f" in {time.perf_counter() - start:.2f} secs"
+                merge=not adapter_only,
+                # medtune: with one CPU process those are the live weights; do not merge into them
+                copy_base=self._device.type == "cpu",
+            )
+            write_lora_checkpoint(
+                self._checkpointer, staging, folder, self._output_dir, checkpoint_dict, adapter_only
             )
 
-        torch.distributed.barrier()
+        self._checkpoints.save(folder, write, recipe_state)
 
     def _gather_adapter_state_dict(self) -> Dict[str, torch.Tensor]:
         """medtune: the adapter's full weights on rank 0 ({} elsewhere); the base stays sharded."""
@@ -970,37 +870,6 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
             if self._is_rank_zero:
                 adapter_state_dict[name] = param.cpu()
         return adapter_state_dict
-
-    def _recipe_state(self, epoch_end: bool) -> Optional[Dict[str, Any]]:
-        """
-        medtune: everything a resumed run needs besides the weights, on rank 0 (None elsewhere;
-        every rank must call this: the gathers are collective). Loadable with weights_only=True.
-
-        At an epoch's end the dataloader positions are left out: the next epoch starts afresh.
-        """
-        opt_state_dict = training.get_full_optimizer_state_dict(
-            self._model, self._optimizer, self._is_rank_zero, device=self._device
-        )
-        rank_states = _gather_rank_states(
-            {
-                DATALOADER_STATE: None if epoch_end else self._dataloader.state_dict(),
-                RNG_STATE_KEY: rng_state(),
-            },
-            self.world_size,
-            self._is_rank_zero,
-        )
-        if not self._is_rank_zero:
-            return None
-        return {
-            training.SEED_KEY: self.seed,
-            training.EPOCHS_KEY: self.epochs_run,
-            training.TOTAL_EPOCHS_KEY: self.total_epochs,
-            training.MAX_STEPS_KEY: self.max_steps_per_epoch,
-            training.OPT_KEY: opt_state_dict,
-            LR_SCHEDULER_KEY: self._lr_scheduler.state_dict(),
-            GLOBAL_STEP_KEY: self.global_step,
-            RANK_STATES_KEY: rank_states,
-        }
 
     def train(self) -> None:
         """
@@ -1081,6 +950,10 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
                     torch.distributed.all_reduce(num_tokens)
                     # This will ensure that the logged loss matches what we're optimizing
                     torch.distributed.all_reduce(running_loss)
+                    # medtune: every rank holds the all-reduced loss, so every rank stops here,
+                    # before the optimizer step, when it is NaN/inf
+                    loss_to_log = running_loss.item() / num_tokens
+                    self._checkpoints.check_loss(loss_to_log, self.global_step + 1)
                     # Manually scale the gradients from unnormalized loss by total # of tokens
                     # We multiply by world_size to undo FSDP2 gradient normalization.
                     training.scale_grads(self._model, self.world_size / num_tokens)
@@ -1097,9 +970,6 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
                     self.global_step += 1
                     steps_in_epoch += 1
 
-                    loss_to_log = running_loss.item() / num_tokens
-                    # medtune: every rank holds the all-reduced loss, so every rank stops here
-                    check_finite_loss(loss_to_log, self.global_step, self._output_dir)
                     pbar.update(1)
                     pbar.set_description(
                         f"{curr_epoch + 1}|{self.global_step}|Loss: {loss_to_log}"
@@ -1134,12 +1004,11 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
                     num_tokens = 0
 
                     # medtune: step checkpoints (the epoch's last step gets the epoch one)
-                    if (
-                        self._save_every_n_steps
-                        and self.global_step % self._save_every_n_steps == 0
-                        and steps_in_epoch < self._steps_per_epoch
-                    ):
-                        self.save_checkpoint(f"step_{self.global_step}", resumable=True)
+                    folder = self._checkpoints.due_step_folder(
+                        self.global_step, steps_in_epoch, self._steps_per_epoch
+                    )
+                    if folder:
+                        self.save_checkpoint(folder, resumable=True)
                     t0 = time.perf_counter()
 
                     # Stop tracking CUDA memory now that active steps are complete
@@ -1166,7 +1035,7 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
 
             self.epochs_run += 1
             self.save_checkpoint(
-                f"epoch_{curr_epoch}",
+                epoch_folder_name(curr_epoch),
                 resumable=curr_epoch + 1 < self.total_epochs,
                 epoch_end=True,
             )

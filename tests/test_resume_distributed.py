@@ -30,7 +30,7 @@ from components.checkpointing import (
 )
 from components.metric_logs import latest_log, step_losses
 from tests.helpers import BIN, REPO_ROOT, run_cli
-from tests.test_recipes_distributed import files_under, load_recipe
+from tests.test_recipes_distributed import files_under
 
 # Two epochs of 5 steps (2 processes x batch 2), a step checkpoint every 3 steps (steps 3, 6, 9;
 # step 6 is the first of the second epoch), the newest 2 kept; the recipes' own epoch folders too.
@@ -249,22 +249,6 @@ def test_nonfinite_loss_stops_every_rank(tmp_path):
     for rank in (0, 1):
         assert f"[rank{rank}]: components.checkpointing.NonFiniteLossError: {message}" in proc.stderr
     assert sorted(step_folders(out)) == [1, 2]
-
-
-@pytest.mark.parametrize(
-    "recipe", ["full_finetune_distributed", "lora_finetune_distributed"]
-)
-def test_mid_epoch_checkpoint_needs_its_world_size(recipe):
-    """Each rank's dataloader position belongs to its shard of the data: a mid-epoch checkpoint
-    resumes only with the number of processes that wrote it; an epoch-end one with any."""
-    own_rank_state = load_recipe(recipe)._own_rank_state
-    rank_states = [{"dataloader": {"pos": r}, "rng_state": {"torch": r}} for r in range(2)]
-    assert own_rank_state({"rank_states": rank_states}, 1, 2) == rank_states[1]
-    with pytest.raises(ValueError, match="written mid-epoch by 2 processes; resume it with "
-                                         "--nproc_per_node 2 \\(not 4\\)"):
-        own_rank_state({"rank_states": rank_states}, 0, 4)
-    epoch_end = [{"dataloader": None, "rng_state": {}} for _ in range(2)]
-    assert own_rank_state({"rank_states": epoch_end}, 3, 4) is None
 
 
 def test_qlora_resumes_exactly_from_a_copied_step_folder(tmp_path):
