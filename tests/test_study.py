@@ -68,7 +68,7 @@ def test_the_shipped_study_files_load_and_dry_run(tmp_path):
     # every evaluation names the very checkpoint folder it will read: the config's last epoch
     assert not [line for line in lines if "<" in line or ">" in line], "placeholders in a dry run"
     assert f"medtune eval {tmp_path}/runs/full_sft/epoch_0 --tasks usmle_step1," in proc.stdout
-    assert f"medtune eval {tmp_path}/runs/knowtuning/epoch_0 --tasks medquad" in proc.stdout
+    assert f"medtune eval {tmp_path}/runs/knowtuning/epoch_2 --tasks medquad" in proc.stdout  # epochs: 3 override
     assert not (tmp_path / "runs").exists(), "a dry run must not run anything"
     paper = run_cli("medtune", ["study", "configs/studies/paper.yaml", "--dry-run", "--output-dir", str(tmp_path)]).stdout
     assert f"medtune eval {tmp_path}/runs/galore/epoch_0 --tasks usmle_step1_gen," in paper and "<" not in paper
