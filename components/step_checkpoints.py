@@ -84,10 +84,13 @@ def resume_command(argv: Optional[list] = None, nproc_per_node: Optional[int] = 
     """The `tune run` command of this process (``sys.argv`` as `tune run` leaves it: the recipe,
     then its arguments) with ``resume_from_checkpoint=True`` in place of any value it had."""
     recipe, *args = list(sys.argv if argv is None else argv)
-    # `tune run recipes/x.py` runs the module `recipes.x`: name the file, as typed
+    # `tune run recipes/x.py` runs the module `recipes.x` (torchrun: the absolute path): name
+    # the file as typed, relative to the current directory
     as_file = Path(*recipe.split(".")).with_suffix(".py")
     if not recipe.endswith(".py") and as_file.is_file():
         recipe = str(as_file)
+    elif Path(recipe).is_absolute() and Path(recipe).is_relative_to(Path.cwd()):
+        recipe = str(Path(recipe).relative_to(Path.cwd()))
     args = [arg for arg in args if not arg.startswith("resume_from_checkpoint=")]
     launcher = ["--nproc_per_node", str(nproc_per_node)] if nproc_per_node else []
     return shlex.join(["tune", "run", *launcher, recipe, *args, "resume_from_checkpoint=True"])

@@ -143,6 +143,9 @@ def test_the_interrupt_message_names_the_last_checkpoint_and_the_resume_command(
     assert resume_command(["recipes.lora_finetune_single_device", "a=1"]) == (
         "tune run recipes/lora_finetune_single_device.py a=1 resume_from_checkpoint=True"
     )
+    assert resume_command([str(REPO_ROOT / "recipes" / "x.py")], nproc_per_node=2) == (
+        "tune run --nproc_per_node 2 recipes/x.py resume_from_checkpoint=True"
+    )
 
 
 def test_layout_helpers_name_and_find_the_run_folders(tmp_path):
