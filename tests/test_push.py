@@ -270,14 +270,19 @@ def test_model_index_names_the_data_that_was_scored(study_copy, capsys, tmp_path
         assert all("(the evaluation did not record its data)" in r.dataset_name for r in results)
 
 
-def test_the_medquad_task_records_the_file_it_scored():
-    from components.evaluation.medquad import load_medquad
-    from components.evaluation.usmle import DATA_REPORTS
+def test_medtune_eval_records_the_medquad_file_it_scored(tmp_path):
+    """A real `medtune eval` of the MedQuAD task writes which file it scored into results.json,
+    where the model card reads it, and reports it without tripping over its USMLE-only fields."""
+    sample = REPO_ROOT / "components/data/sample/knowtuning_medquad/medquad_test.json"
+    proc = run_cli("medtune", ["eval", tiny_checkpoint_dir(), "--tasks", "medquad", "--limit", "2",
+                               "--gen-kwargs", "max_gen_toks=4", "--output-dir", str(tmp_path),
+                               "--metadata", json.dumps({"medquad_test": str(sample), "bertscore_model": "none"})])
+    assert "Traceback" not in proc.stderr
+    reports = json.loads((tmp_path / "results.json").read_text())["medtune"]["data_reports"]
+    assert reports["medquad"]["source"] == str(sample)
+    from components.hub.model_card import task_dataset
 
-    sample = "components/data/sample/knowtuning_medquad/medquad_test.json"
-    docs = load_medquad(medquad_test=str(REPO_ROOT / sample), bertscore_model="none")["test"]
-    assert DATA_REPORTS["medquad"] == {"source": str(REPO_ROOT / sample), "questions": len(docs), "scored": len(docs)}
-    assert len(docs) == 20
+    assert task_dataset("medquad", reports["medquad"]["source"])[0] == "medtune-sample-medquad"
 
 
 def test_base_model_and_datasets_come_from_the_study_configs():

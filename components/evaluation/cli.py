@@ -46,11 +46,11 @@ def _report(results: Dict[str, Any], args: argparse.Namespace) -> int:
         print(make_table(results, "groups"))
     for name, report in results["medtune"]["data_reports"].items():
         notes = []
-        if report["excluded_no_options"]:
+        if report.get("excluded_no_options"):  # USMLE's reports; MedQuAD's names its file alone
             notes.append(f"left out (no options): {report['excluded_no_options']}")
-        if report["excluded_images"]:
+        if report.get("excluded_images"):
             notes.append(f"left out (image): {len(report['excluded_images'])}")
-        if report["repaired"]:
+        if report.get("repaired"):
             notes.append("repaired: " + "; ".join(f"no. {r['no']}: {r['what']}" for r in report["repaired"]))
         if notes:
             print(f"{name}: {report['scored']} of {report['questions']} questions scored; " + "; ".join(notes))
