@@ -191,13 +191,15 @@ def test_loss_plot_gives_dpo_its_own_panel_and_every_method_its_own_style(tmp_pa
     assert len(fig.axes) == 2
     sft_axis, dpo_axis = fig.axes
     sft_lines = {line.get_label(): line for line in sft_axis.get_lines()}
-    assert list(sft_lines) == ["Full SFT", "LoRA", "QLoRA"]
+    labels = ["Full SFT", "LoRA", "QLoRA", "KnowTuning: SFT term (chosen answers)"]
+    assert list(sft_lines) == labels
     styles = {(line.get_linestyle(), line.get_marker()) for line in sft_lines.values()}
-    assert len(styles) == 3, "two methods share a line style and marker"
+    assert len(styles) == 4, "two curves share a line style and marker"
     assert list(sft_lines["LoRA"].get_ydata()) == list(sft_lines["QLoRA"].get_ydata())
-    assert [t.get_text() for t in sft_axis.get_legend().get_texts()] == ["Full SFT", "LoRA", "QLoRA"]
+    assert list(sft_lines[labels[-1]].get_ydata()) == [7.0] * 3  # the SFT term, not the total loss
+    assert [t.get_text() for t in sft_axis.get_legend().get_texts()] == labels
     dpo_lines = {line.get_label(): line for line in dpo_axis.get_lines()}
-    assert list(dpo_lines) == ["KnowTuning: total (DPO + gamma x SFT)", "KnowTuning: DPO term", "ln 2 (policy = reference)"]
+    assert list(dpo_lines) == ["KnowTuning: DPO term", "ln 2 (policy = reference)"]
     assert list(dpo_lines["KnowTuning: DPO term"].get_ydata()) == pytest.approx([0.64, 0.59, 0.54])
     assert "Preference" in dpo_axis.get_title() and "Supervised" in sft_axis.get_title()
 

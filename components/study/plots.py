@@ -22,7 +22,9 @@ def _pyplot():
 # and tell apart, in grey print too.
 LINESTYLES = ("-", "--", "-.", ":")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
-PREFERENCE_KEY = "loss/dpo"  # logged by the KnowTuning DPO recipe; its loss is not an SFT loss
+# logged by the KnowTuning DPO recipe beside its total loss (DPO + gamma x SFT), which is neither
+PREFERENCE_KEY = "loss/dpo"
+SFT_TERM_KEY = "loss/sft"
 
 
 def _style(i: int, n_points: int) -> Dict[str, object]:
@@ -33,49 +35,50 @@ def _style(i: int, n_points: int) -> Dict[str, object]:
 
 
 def loss_figure(run_dirs: Dict[str, Path]):
-    """Training loss per method from torchtune's metric logs: supervised runs share one panel;
-    runs that log a DPO term (KnowTuning stage 2) get their own, with the total loss, the DPO
-    term and ln 2 (the DPO loss of a policy equal to its reference)."""
+    """Training loss per method from torchtune's metric logs. Runs that log a DPO term
+    (KnowTuning stage 2) get a panel of their own for it, beside ln 2 (the DPO loss of a policy
+    equal to its reference); their SFT term, a cross-entropy like the others, joins the
+    supervised runs' panel."""
     plt = _pyplot()
-    supervised, preference = {}, {}
+    supervised, preference = [], []  # (label, steps, values)
     for label, run_dir in run_dirs.items():
         try:
             metrics = step_metrics(latest_log(run_dir))
         except FileNotFoundError:
             continue
-        steps = sorted(s for s in metrics if "loss" in metrics[s])
-        if steps:
-            target = preference if any(PREFERENCE_KEY in metrics[s] for s in steps) else supervised
-            target[label] = (steps, metrics)
-    panels = [p for p in (supervised, preference) if p] or [supervised]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4), squeeze=False)
-    axes = list(axes[0])
-    if supervised or not preference:
-        ax = axes[0]
-        for i, (label, (steps, metrics)) in enumerate(supervised.items()):
-            ax.plot(steps, [metrics[s]["loss"] for s in steps], label=label, **_style(i, len(steps)))
-        ax.set_title("Supervised fine-tuning: training loss")
-        ax.set_xlabel("step")
-        ax.set_ylabel("cross-entropy loss")
-        if supervised:
-            ax.legend(fontsize=8)
+        steps = sorted(metrics)
+        if any(PREFERENCE_KEY in metrics[s] for s in steps):
+            preference.append((f"{label}: DPO term", *_series(metrics, PREFERENCE_KEY)))
+            if any(SFT_TERM_KEY in metrics[s] for s in steps):
+                supervised.append((f"{label}: SFT term (chosen answers)", *_series(metrics, SFT_TERM_KEY)))
+        elif any("loss" in metrics[s] for s in steps):
+            supervised.append((label, *_series(metrics, "loss")))
+    panels = 2 if preference else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4), squeeze=False)
+    ax = axes[0][0]
+    for i, (label, steps, values) in enumerate(supervised):
+        ax.plot(steps, values, label=label, **_style(i, len(steps)))
+    ax.set_title("Supervised fine-tuning: training loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss")
+    if supervised:
+        ax.legend(fontsize=8)
     if preference:
-        ax = axes[-1]
-        i = 0
-        for label, (steps, metrics) in preference.items():
-            ax.plot(steps, [metrics[s]["loss"] for s in steps], label=f"{label}: total (DPO + gamma x SFT)",
-                    **_style(i, len(steps)))
-            dpo_steps = [s for s in steps if PREFERENCE_KEY in metrics[s]]
-            ax.plot(dpo_steps, [metrics[s][PREFERENCE_KEY] for s in dpo_steps], label=f"{label}: DPO term",
-                    **_style(i + 1, len(dpo_steps)))
-            i += 2
+        ax = axes[0][1]
+        for i, (label, steps, values) in enumerate(preference):
+            ax.plot(steps, values, label=label, **_style(i, len(steps)))
         ax.axhline(math.log(2), color="grey", linestyle=":", linewidth=1, label="ln 2 (policy = reference)")
-        ax.set_title("Preference training (KnowTuning stage 2): loss")
+        ax.set_title("Preference training (KnowTuning stage 2): DPO loss")
         ax.set_xlabel("step")
-        ax.set_ylabel("loss")
+        ax.set_ylabel("DPO loss")
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _series(metrics: Dict[int, Dict[str, float]], key: str):
+    steps = [s for s in sorted(metrics) if key in metrics[s]]
+    return steps, [metrics[s][key] for s in steps]
 
 
 def plot_losses(run_dirs: Dict[str, Path], out: Path) -> Path:
