@@ -52,10 +52,29 @@ CHILD_ENV = {
 
 
 # ---------------------------------------------------------------- the peer (one process)
-def run_peer(method: str, steps: int, padding: str, json_out: str) -> None:
+def config_dataset(config: str, model_dir: str, meadow_dir: str):
+    """Tokenizer and training set of a 3B config exactly as `shape_check.py run` overrides it for
+    our side (same tokenizer file, same local data), so both sides train on the same batches."""
+    from omegaconf import OmegaConf
+    from shape_check import overrides_for
+    from torchtune import config as tt_config
+
+    name = Path(config).stem
+    cfg = OmegaConf.load(config)
+    dotlist = overrides_for(name, Path(model_dir), Path(tempfile.mkdtemp()), "3b", "cpu", [], 1, Path(meadow_dir))
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o for o in dotlist if o.startswith(("tokenizer.", "dataset."))]))
+    tok = tt_config.instantiate(cfg.tokenizer)
+    return cfg, tok, tt_config.instantiate(cfg.dataset, tok)
+
+
+def run_peer(method: str, steps: int, padding: str, json_out: str, model_dir: str = None,
+             device: str = "cpu", config: str = None, meadow_dir: str = None) -> None:
+    """The study's Trainer stack on the tiny checkpoint (default), or on ``model_dir`` with the
+    data, batch, accumulation, lr and GaLore settings of a 3B ``config`` (bf16 on CUDA)."""
     import torch
 
-    torch.set_num_threads(1)
+    if device == "cpu":
+        torch.set_num_threads(1)
     import transformers
     from torch.utils.data import SequentialSampler
     from transformers import (
@@ -69,9 +88,20 @@ def run_peer(method: str, steps: int, padding: str, json_out: str) -> None:
 
     from components.models import tiny_checkpoint_dir
 
-    ckpt = tiny_checkpoint_dir()
-    tok, ds = sc.dataset()
-    n = steps * BATCH * ACCUM
+    batch, accum, lr, galore, weight_decay = BATCH, ACCUM, LR, dict(GALORE), 0.01
+    if model_dir is None:
+        ckpt = tiny_checkpoint_dir()
+        tok, ds = sc.dataset()
+    else:
+        ckpt = model_dir
+        cfg, tok, ds = config_dataset(config, model_dir, meadow_dir)
+        batch, accum = cfg.batch_size, cfg.gradient_accumulation_steps
+        lr, weight_decay = float(cfg.optimizer.lr), float(cfg.optimizer.weight_decay)
+        if method.startswith("galore"):
+            galore.update({k: cfg.optimizer[k] for k in ("rank", "update_proj_gap", "scale", "proj_type")})
+    n = steps * batch * accum
+    if len(ds) < n:
+        raise SystemExit(f"{steps} steps of {batch} x {accum} need {n} rows; the data has {len(ds)}")
     rows = []
     for i in range(n):
         s = ds[i]
@@ -80,7 +110,16 @@ def run_peer(method: str, steps: int, padding: str, json_out: str) -> None:
             "attention_mask": [1] * len(s["tokens"]),
             "labels": [int(x) for x in s["labels"]],
         })
-    hf_tok = AutoTokenizer.from_pretrained(ckpt)
+    if model_dir is None:
+        hf_tok = AutoTokenizer.from_pretrained(ckpt)
+    else:  # `tune download`'s top-level tokenizer.json: the same package's Llama 3 BPE
+        from importlib import resources
+
+        from transformers import PreTrainedTokenizerFast
+
+        from components.models.llama3_vocab import VOCAB_PACKAGE
+
+        hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(resources.files(VOCAB_PACKAGE) / "tokenizer.json"))
     hf_tok.pad_token_id = tok.pad_id
     collator = DataCollatorForSeq2Seq(
         hf_tok,
@@ -90,7 +129,11 @@ def run_peer(method: str, steps: int, padding: str, json_out: str) -> None:
         return_tensors="pt",
     )
 
-    kwargs = {"dtype": torch.float32}
+    cuda = device.startswith("cuda")
+    compute = torch.bfloat16 if cuda else torch.float32
+    kwargs = {"dtype": compute}
+    if cuda:
+        kwargs["device_map"] = {"": device}
     if method == "qlora":
         from transformers import BitsAndBytesConfig
 
@@ -98,9 +141,9 @@ def run_peer(method: str, steps: int, padding: str, json_out: str) -> None:
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_compute_dtype=compute,
         )
-        kwargs["device_map"] = {"": "cpu"}
+        kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(ckpt, **kwargs)
     if method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -117,21 +160,23 @@ def run_peer(method: str, steps: int, padding: str, json_out: str) -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     extra = {}
-    if method == "galore":
+    if method.startswith("galore"):
         extra = dict(
             optim="galore_adamw",
             optim_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-            optim_args=", ".join(f"{k}={v}" for k, v in GALORE.items()),
+            optim_args=", ".join(f"{k}={v}" for k, v in galore.items()),
         )
+        if method == "galore_layerwise":
+            extra["optim"] = "galore_adamw_layerwise"
     else:
         extra = dict(optim="adamw_torch")
     out_dir = tempfile.mkdtemp(prefix="hf_peer_")
     args = TrainingArguments(
         output_dir=out_dir,
-        per_device_train_batch_size=BATCH,
-        gradient_accumulation_steps=ACCUM,
-        learning_rate=LR,
-        weight_decay=0.01,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1 if method == "galore_layerwise" else accum,
+        learning_rate=lr,
+        weight_decay=weight_decay,
         lr_scheduler_type="linear",
         warmup_steps=0,
         max_grad_norm=1.0,
@@ -139,9 +184,9 @@ def run_peer(method: str, steps: int, padding: str, json_out: str) -> None:
         num_train_epochs=1,
         gradient_checkpointing=True,
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        bf16=False,
+        bf16=cuda,
         fp16=False,
-        use_cpu=True,
+        use_cpu=not cuda,
         logging_steps=1,
         save_strategy="no",
         eval_strategy="no",
@@ -187,10 +232,14 @@ def run_peer(method: str, steps: int, padding: str, json_out: str) -> None:
     t_train = time.perf_counter() - t0
     marks = [clock.begin] + clock.ends
     step_times = [b - a for a, b in zip(marks, marks[1:])]
+    per_step = batch * args.gradient_accumulation_steps
+    label_tokens = [sum(sum(1 for x in r["labels"] if x != -100) for r in rows[k * per_step:(k + 1) * per_step])
+                    for k in range(len(step_times))]
     Path(json_out).write_text(json.dumps({
         "side": "peer", "method": method, "padding": padding, "steps": len(step_times),
         "step_times": step_times, "losses": clock.losses, "setup_s": t_setup,
-        "train_call_s": t_train, "trainable_params": trainable,
+        "train_call_s": t_train, "trainable_params": trainable, "label_tokens": label_tokens,
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "transformers": transformers.__version__, "optim": args.optim,
     }))
 
@@ -298,6 +347,48 @@ def summarize(results, methods) -> None:
               f"{sc.median([r['peak_rss_gib'] for r in rows['ours']]):.2f} | {l1p} / {l1o} |")
 
 
+#: gpu_check.sh's methods: (our 3B config, the peer's method; None: no peer, e.g. KnowTuning's DPO)
+GPU_CHECK = {
+    "full": ("full_sft", "full"),
+    "lora": ("lora", "lora"),
+    "qlora": ("qlora", "qlora"),
+    "galore": ("galore", "galore"),
+    "galore_layerwise": ("galore_layerwise", "galore_layerwise"),
+    "knowtuning_kc": ("knowtuning_kc", None),
+}
+
+
+def peer_summary(peer: dict) -> dict:
+    """Label tokens/s from step 2 on (as ours: step 1 holds warm-up), peak GPU memory, loss 1."""
+    times, tokens = peer["step_times"][1:], peer["label_tokens"][1:]
+    losses = peer["losses"]
+    return {"tokens_per_s": sum(tokens) / sum(times) if times else None, "peak_gpu_gib": peer.get("peak_gpu_gib"),
+            "loss_step1": losses.get("1", losses.get(1))}
+
+
+def gpu_table(ours_jsonl: str, peer_dir: str) -> str:
+    """One markdown table: per method, tokens/s and peak GPU memory of both sides, ours/peer,
+    and the first step's loss on both sides (same weights, same batch: they should agree)."""
+    ours = {r["config"]: r for r in (json.loads(x) for x in open(ours_jsonl) if x.strip())}
+    fmt = lambda v, f="{:.1f}": "-" if v is None else f.format(v)  # noqa: E731
+    lines = ["| method | config | steps | ours tok/s | peer tok/s | ours / peer | ours peak GPU GiB | peer peak GPU GiB | loss step 1 ours / peer | note |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    for method, (config, peer_method) in GPU_CHECK.items():
+        o = ours.get(config, {})
+        peer_file = Path(peer_dir) / f"{peer_method}.json" if peer_method else None
+        p = peer_summary(json.loads(peer_file.read_text())) if peer_file and peer_file.is_file() else {}
+        if not o and not (peer_method and (Path(peer_dir) / f"{peer_method}.log").is_file()):
+            continue  # not among the methods run
+        note = o.get("error", "") if not o.get("ran", False) else ""
+        if peer_method and not p:
+            note += " peer failed: see its log" if (Path(peer_dir) / f"{peer_method}.log").is_file() else " peer not run"
+        ratio = o["tokens_per_s"] / p["tokens_per_s"] if o.get("tokens_per_s") and p.get("tokens_per_s") else None
+        lines.append(f"| {method} | {config} | {o.get('steps', '-')} | {fmt(o.get('tokens_per_s'))} | {fmt(p.get('tokens_per_s'))} | "
+                     f"{fmt(ratio, '{:.2f}')} | {fmt(o.get('peak_gpu_gib'), '{:.2f}')} | {fmt(p.get('peak_gpu_gib'), '{:.2f}')} | "
+                     f"{fmt(o.get('loss_step1'), '{:.4f}')} / {fmt(p.get('loss_step1'), '{:.4f}')} | {note.strip()[:200]} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -309,13 +400,23 @@ def main() -> None:
     b.add_argument("--peer-padding", choices=["longest", "max_length"], default="longest")
     b.add_argument("--out", default=None, help="append one JSON line per run")
     p = sub.add_parser("peer")
-    p.add_argument("--method", required=True, choices=["full", "lora", "qlora", "galore"])
+    p.add_argument("--method", required=True, choices=["full", "lora", "qlora", "galore", "galore_layerwise"])
     p.add_argument("--steps", type=int, default=11)
     p.add_argument("--padding", choices=["longest", "max_length"], default="longest")
     p.add_argument("--json", required=True)
+    p.add_argument("--model-dir", default=None, help="an HF checkpoint (benchmarks/shape_check.py build); default: the tiny one")
+    p.add_argument("--config", default=None, help="with --model-dir: the 3B config whose data and settings to use")
+    p.add_argument("--meadow-dir", default=str(sc.ROOT / "components" / "data" / "sample" / "medical_meadow"))
+    p.add_argument("--device", default="cpu")
+    t = sub.add_parser("gpu-table", help="gpu_check.sh's table: shape_check results + peer JSONs")
+    t.add_argument("ours_jsonl")
+    t.add_argument("peer_dir")
     s = sub.add_parser("summarize", help="the table from a results JSONL")
     s.add_argument("jsonl")
     a = ap.parse_args()
+    if a.cmd == "gpu-table":
+        print(gpu_table(a.ours_jsonl, a.peer_dir))
+        return
     if a.cmd == "summarize":
         rows = [json.loads(line) for line in open(a.jsonl) if line.strip()]
         summarize(rows, list(dict.fromkeys(r["method"] for r in rows)))
@@ -327,7 +428,7 @@ def main() -> None:
                       f"{sc.median(q):.2f} ({', '.join(f'{x:.2f}' for x in q)})")
         return
     if a.cmd == "peer":
-        run_peer(a.method, a.steps, a.padding, a.json)
+        run_peer(a.method, a.steps, a.padding, a.json, a.model_dir, a.device, a.config, a.meadow_dir)
     else:
         bench(a)
 

@@ -96,6 +96,7 @@ def build_tokenizer_model(out: Union[str, Path]) -> Path:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(content)
+        os.chmod(staging, 0o644)  # as a downloaded file, not mkstemp's 0600
         os.replace(staging, out)
     finally:
         if os.path.exists(staging):
