@@ -250,8 +250,11 @@ def test_a_killed_study_resumes_its_training_from_the_last_step_checkpoint(tmp_p
     newest = max(int(p.name[5:]) for p in run_dir.glob("step_*") if (p / RECIPE_STATE_FILE).is_file())
     assert newest < 8, "the training was not stopped before its end"
 
+    planned = run_cli("medtune", ["study", str(study), "--dry-run"]).stdout.splitlines()
+    assert planned[0].endswith(f"output_dir={run_dir} resume_from_checkpoint=True")  # as it will run
     out = run_cli("medtune", ["study", str(study)]).stdout
     assert f"train/sft: resuming the interrupted run from {run_dir / f'step_{newest}'}" in out
+    assert f"train/sft: {planned[0]}" in out
     resumed = step_losses(latest_log(run_dir))
     assert sorted(resumed) == list(range(newest + 1, 9))
     for step, loss in resumed.items():
