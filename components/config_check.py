@@ -249,6 +249,51 @@ def config_problems(
             problems.append(f"unknown key {key!r}{_hint(str(key), known)}: {Path(recipe_file).name} does not read it{origin}")
     for where, node in components(cfg):
         problems += check_component(where, node)
+        problems += template_problems(where, node)
+    return problems
+
+
+def template_problems(where: str, node: DictConfig) -> List[str]:
+    """An unknown prompt template named by a ``components.data`` builder's ``template`` key,
+    with the templates there are and the closest one."""
+    path = node.get("_component_")
+    template = OmegaConf.select(node, "template", throw_on_resolution_failure=False)
+    if not (isinstance(path, str) and path.startswith("components.data.") and isinstance(template, str)):
+        return []
+    from components.data.templates import TEMPLATES
+
+    if template in TEMPLATES:
+        return []
+    return [f"{where}.template: unknown template {template!r}{_hint(template, TEMPLATES)}; the templates are {', '.join(TEMPLATES)}"]
+
+
+#: Keys of a ``dataset`` builder that name local files or folders (``decontaminate`` maps
+#: benchmark names to files); ``data_files`` only when ``source`` is a local format.
+_PATH_KEYS = ("data_dir", "data_files")
+_LOCAL_SOURCES = frozenset({None, "json", "csv", "parquet", "text", "arrow"})
+
+
+def missing_data_paths(cfg: DictConfig) -> List[str]:
+    """Data files and folders the ``dataset`` section names that do not exist, each located;
+    a relative one seen from outside the repository root says where paths start."""
+    from components.user_errors import relative_path_note
+
+    problems = []
+    for where, node in components(cfg.get("dataset")) if "dataset" in cfg else []:
+        where = f"dataset.{where}" if where else "dataset"
+        named = []
+        for key in _PATH_KEYS:
+            if key == "data_files" and OmegaConf.select(node, "source", throw_on_resolution_failure=False) not in _LOCAL_SOURCES:
+                continue
+            value = OmegaConf.select(node, key, throw_on_resolution_failure=False)
+            values = [value] if isinstance(value, str) else list(value) if isinstance(value, ListConfig) else []
+            named += [(f"{where}.{key}", v) for v in values if isinstance(v, str)]
+        decontaminate = OmegaConf.select(node, "decontaminate", throw_on_resolution_failure=False)
+        if isinstance(decontaminate, DictConfig):
+            named += [(f"{where}.decontaminate.{k}", v) for k, v in decontaminate.items() if isinstance(v, str)]
+        for key, path in named:
+            if not Path(path).exists():
+                problems.append(f"{key}: {path}: no such file or folder{relative_path_note(path)}")
     return problems
 
 
@@ -264,9 +309,13 @@ def check_recipe_config(cfg: DictConfig, recipe_file: Union[str, Path], config_f
 
 def exit_on_config_problems(cfg: DictConfig, recipe_file: Union[str, Path]) -> None:
     """First thing in ``recipe_main``: :func:`check_recipe_config`, and on problems print them
-    and exit with status 2 before any work, without a traceback through torchtune's wrapper."""
+    and exit with status 2 before any work, without a traceback through torchtune's wrapper.
+    Data files the ``dataset`` section names must exist too (:func:`missing_data_paths`)."""
     try:
         check_recipe_config(cfg, recipe_file)
+        missing = missing_data_paths(cfg)
+        if missing:
+            raise ConfigCheckError(missing, config_file_from_argv())
     except ConfigCheckError as error:
         print(f"{error}\nNothing was run: fix the config or the command line.", file=sys.stderr)
         raise SystemExit(2) from None

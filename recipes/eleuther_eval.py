@@ -55,6 +55,7 @@ from torchtune.recipe_interfaces import EvalRecipeInterface
 from torchtune.training import FullModelTorchTuneCheckpointer
 
 from components.config_check import exit_on_config_problems
+from components.user_errors import one_line_errors
 from components.evaluation.runner import format_summary, run_tasks, TASKS_DIR
 
 MIN_LM_EVAL = "0.4.5"
@@ -464,6 +465,7 @@ class EleutherEvalRecipe(EvalRecipeInterface):
         return output
 
 
+@one_line_errors  # medtune: a bad --config, data file or path: one line, exit status 2
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point for the recipe."""

@@ -82,6 +82,7 @@ from components.checkpointing import (
 )
 from components.step_checkpoints import LR_SCHEDULER_KEY, StepCheckpointClient
 from components.config_check import exit_on_config_problems
+from components.user_errors import one_line_errors
 
 log = utils.get_logger("DEBUG")
 
@@ -1048,6 +1049,7 @@ class LoRAFinetuneRecipeDistributed(FTRecipeInterface):
         destroy_process_group()
 
 
+@one_line_errors  # medtune: a bad --config, data file or path: one line, exit status 2
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """

@@ -75,6 +75,7 @@ from components.checkpointing import (
 )
 from components.step_checkpoints import StepCheckpointClient
 from components.config_check import exit_on_config_problems
+from components.user_errors import one_line_errors
 
 log = utils.get_logger("DEBUG")
 
@@ -841,6 +842,7 @@ class LoRAFinetuneRecipeSingleDevice(FTRecipeInterface):
         self._metric_logger.close()
 
 
+@one_line_errors  # medtune: a bad --config, data file or path: one line, exit status 2
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """
