@@ -22,6 +22,7 @@ from components.knowtuning.cli import add_knowtuning_command
 from components.evaluation.cli import add_eval_command, add_score_command
 from components.hub.push import add_push_command
 from components.study.cli import add_study_command
+from components.validate import add_validate_command
 
 KINDS = ("meadow", "medquad", "usmle", "mixture")
 
@@ -267,6 +268,7 @@ COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [
     add_eval_command,
     add_score_command,
     add_push_command,
+    add_validate_command,
 ]
 
 
