@@ -80,4 +80,4 @@ def test_3b_lora_one_step(tmp_path):
     result = shape_check.run_one("lora", model, tmp_path / "work", "3b", "cpu",
                                  ["compile=False", "gradient_accumulation_steps=1"], cap_gib=16)
     assert result["ran"], result
-    assert result["steps"] == 1 and abs(result["loss_step1"] - math.log(128_256)) < 0.5
+    assert result["steps"] == 1 and abs(result["loss_step1"] - math.log(128_256)) < 1.0
