@@ -12,6 +12,7 @@ from components.config_check import (
     components,
     config_file_from_argv,
     config_problems,
+    missing_data_paths,
     recipe_keys,
 )
 from tests.helpers import REPO_ROOT, run_cli
@@ -207,3 +208,32 @@ def test_the_study_file_names_a_misspelled_key_with_the_closest_one(tmp_path):
     study.write_text("name: s\nrunz: {}\n")
     with pytest.raises(StudyError, match=r"study.yaml: unknown key 'runz'; did you mean 'runs'\?"):
         load_study(str(study))
+
+
+def test_an_unknown_template_is_named_with_the_templates_and_the_closest():
+    cfg = OmegaConf.load(REPO_ROOT / "configs" / "tiny" / "lora.yaml")
+    cfg.dataset.template = "llama3chat"
+    problems = config_problems(cfg, REPO_ROOT / "recipes" / "lora_finetune_single_device.py")
+    assert problems == [
+        "dataset.template: unknown template 'llama3chat' (did you mean 'llama3_chat'?); "
+        "the templates are medalpaca, alpaca, llama3_chat"
+    ]
+
+
+def test_missing_data_paths_names_each_key_and_path(tmp_path, monkeypatch):
+    """Every local data path of the dataset section: data_dir, a local source's data_files, the
+    decontamination files; a hub source's data_files are not local paths; relative ones resolve
+    from the current directory, and outside the repository root the line says so."""
+    cfg = OmegaConf.load(REPO_ROOT / "configs" / "tiny" / "full_sft.yaml")
+    assert missing_data_paths(cfg) == []
+    monkeypatch.chdir(tmp_path)
+    assert missing_data_paths(cfg) == [
+        f"dataset.{key}: {path}: no such file or folder (relative paths are read from the current directory "
+        f"{tmp_path.resolve()}; the shipped configs' paths are relative to the repository root {REPO_ROOT}: "
+        "run from there, or give absolute paths)"
+        for key, path in (("data_dir", "components/data/sample/medical_meadow"), ("decontaminate.usmle", "components/data/sample/usmle"))
+    ]
+    local = OmegaConf.create({"dataset": {"_component_": "components.data.medical_meadow_dataset", "source": "json", "data_files": [str(tmp_path / "a.jsonl")]}})
+    assert missing_data_paths(local) == [f"dataset.data_files: {tmp_path / 'a.jsonl'}: no such file or folder"]
+    local.dataset.source = "medalpaca/medical_meadow_wikidoc"
+    assert missing_data_paths(local) == []
