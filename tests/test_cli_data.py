@@ -118,7 +118,7 @@ def test_data_cache_lists_and_removes_only_what_is_unused(capsys, tmp_path):
     folder that is not ours: listing changes nothing; removal takes the unused cache and the
     leftover, never a live build or a foreign folder; a cache hit counts as a use."""
     from components.data import medical_meadow_mixture
-    from components.data.pipeline import _host
+    from components.data.cache_store import host_name
     from components.models import tiny_llama3_2_tokenizer
 
     tokenizer = tiny_llama3_2_tokenizer(max_seq_len=128)
@@ -128,8 +128,8 @@ def test_data_cache_lists_and_removes_only_what_is_unused(capsys, tmp_path):
     ten_days_ago = os.stat(old).st_mtime - 10 * 86400
     os.utime(old, (ten_days_ago, ten_days_ago))
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead = tmp_path / f".tmp-abc123-{int(gone.stdout)}-0badf00d-{_host()}"
-    live = tmp_path / f".tmp-abc123-{os.getpid()}-0badf00d-{_host()}"
+    dead = tmp_path / f".tmp-abc123-{int(gone.stdout)}-0badf00d-{host_name()}"
+    live = tmp_path / f".tmp-abc123-{os.getpid()}-0badf00d-{host_name()}"
     foreign = tmp_path / "notes"
     for folder in (dead, live, foreign):
         folder.mkdir()
@@ -165,3 +165,22 @@ def test_data_cache_lists_and_removes_only_what_is_unused(capsys, tmp_path):
     assert not recent.exists() and live.exists() and foreign.exists()
     code, _, err = run(capsys, "data", "cache", "--cache-dir", str(tmp_path), "--remove-unused-days", "-1")
     assert code == 2 and "--remove-unused-days must be 0 or more, got -1" in err
+
+
+@pytest.mark.parametrize("text, where", [
+    # the comma between records 0 and 1 is missing: the error is on line 7, not "in record 0"
+    ('[\n  {\n    "instruction": "a",\n    "input": "",\n    "output": "b"\n  }\n  {"instruction": "c", "input": "", "output": "d"}\n]\n',
+     "expected ',' or ']' at line 7 column 3, after the record on lines 2-6"),
+    ('[\n  {\n    "instruction": "a",\n    "input": "",\n    "output": "b"\n  },\n  {"instruction": "c", "input": "", "instruction": "d"}\n]\n',
+     "duplicate key 'instruction' in an object (the record starting on line 7)"),
+    ('[\n  {\n    "instruction": "a",\n    "input": "",\n    "output": "b"\n  },\n  7\n]\n',
+     "expected a JSON object, got int (line 7)"),
+    ('{"instruction": "a", "input": "", "output": "b"}\n\n\n7\n', "expected a JSON object, got int (line 4)"),
+])
+def test_a_broken_json_file_names_the_line(capsys, tmp_path, text, where):
+    path = tmp_path / "broken.json"
+    path.write_text(text)
+    code, out, err = run(capsys, "data", "stats", f"meadow:{path}")
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"medtune: error: {path}: record ") and where in line

@@ -185,7 +185,7 @@ KILL_SCRIPT = textwrap.dedent("""
     if where == "tokenizing":
         pipeline.RecordProcessor.__call__ = die
     else:  # after the Arrow data is written, before the report and the rename
-        pipeline._write_report = die
+        pipeline.write_report = die
     medical_meadow_mixture(tiny_llama3_2_tokenizer(max_seq_len=128), data_dir={data!r}, sets=["mmmlu", "medqa"],
                            holdout_fraction=0.1, cache_dir={cache!r})
     print("not killed")

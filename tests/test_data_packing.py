@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from torchtune.data import padded_collate_packed
 from torchtune.datasets import PackedDataset
 
-from components.data import medical_meadow_mixture, packing, pipeline
+from components.data import cache_store, medical_meadow_mixture, packing, pipeline
 from components.models import tiny_llama3_2_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -173,7 +173,7 @@ def test_an_interrupted_build_leaves_nothing_complete(tmp_path, source, small_ba
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     key = packing.packing_key(source.report["cache"]["key"], max_seq_len=256, padding_idx=0, split_across_pack=False)
-    leftover = tmp_path / f".tmp-{key[:12]}-{dead.pid}-deadbeef-{pipeline._host()}"
+    leftover = tmp_path / f".tmp-{key[:12]}-{dead.pid}-deadbeef-{cache_store.host_name()}"
     leftover.mkdir()
     (leftover / packing.PACKS_FILE).write_bytes(b"half a file")
     (leftover / packing.REPORT).write_text("{}")  # even a report: it is not where a cache is looked for

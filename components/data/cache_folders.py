@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from components.data.pipeline import _host, _pid_alive, folder_bytes
+from components.data.cache_store import folder_bytes, host_name, pid_alive
 
 _BUILD = re.compile(r"^\.tmp-[0-9a-f]+-(\d+)-[0-9a-f]+-(.+)$")
 DAY = 86_400.0
@@ -44,9 +44,9 @@ def _build_state(name: str) -> Optional[str]:
     if not match:
         return None
     pid, host = int(match.group(1)), match.group(2)
-    if host != _host():
+    if host != host_name():
         return "live"  # another machine's build on a shared filesystem: leave it alone
-    return "live" if _pid_alive(pid) else "dead"
+    return "live" if pid_alive(pid) else "dead"
 
 
 def list_cache(root: Path) -> List[CacheFolder]:

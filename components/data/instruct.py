@@ -6,6 +6,7 @@ the file and record), then filtered, split, decontaminated, templated and tokeni
 happened to the rows is kept in the dataset's ``report`` and logged.
 """
 
+import random
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -244,3 +245,15 @@ def summary(report: Mapping[str, Any]) -> str:
         parts.append(f"{report['decontamination']['removed']} removed by decontamination")
     parts.append(f"{report['final']} used")
     return ", ".join(parts)
+
+
+def take_amount(data: datasets.Dataset, amount: Optional[Union[int, float]], mix_seed: int) -> datasets.Dataset:
+    """The whole set (``amount`` None or above its size), or a random sample of ``amount`` rows
+    (an int) or of that fraction (a float), drawn with ``mix_seed`` and kept in the set's order."""
+    available = len(data)
+    if amount is None:
+        return data
+    take = min(amount, available) if isinstance(amount, int) else round(amount * available)
+    if take < available:
+        data = data.select(sorted(random.Random(mix_seed).sample(range(available), take)))
+    return data

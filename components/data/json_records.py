@@ -10,7 +10,7 @@ when it nests too deeply for the decoder.
 import json
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from components.data.errors import DataError
 
@@ -66,14 +66,20 @@ def _position(text: str, pos: int) -> str:
     return f"line {line} column {pos - (text.rfind(chr(10), 0, pos) + 1) + 1}"
 
 
-def _parse_array(text: str, path: Path) -> List[Any]:
-    """Parse a JSON array element by element, so a decode error names the record it is in."""
+def _line(text: str, pos: int) -> int:
+    return text.count("\n", 0, pos) + 1
+
+
+def _parse_array(text: str, path: Path, starts: Optional[List[int]] = None) -> List[Any]:
+    """Parse a JSON array element by element, so a decode error names the record it is in and
+    the line; ``starts`` (if given) receives the line each element starts on."""
     items: List[Any] = []
     pos = _WHITESPACE.match(text, 0).end() + 1  # past '['
     pos = _WHITESPACE.match(text, pos).end()
     if text.startswith("]", pos):
         return items
     while True:
+        start = pos
         try:
             item, pos = DECODER.raw_decode(text, pos)
         except json.JSONDecodeError as e:
@@ -84,8 +90,12 @@ def _parse_array(text: str, path: Path) -> List[Any]:
                 record=len(items),
             ) from None
         except (_DuplicateKey, RecursionError) as e:
-            raise DataError(_reason(e), file=path, record=len(items)) from None
+            raise DataError(f"{_reason(e)} (the record starting on line {_line(text, start)})",
+                            file=path, record=len(items)) from None
         items.append(item)
+        if starts is not None:
+            starts.append(_line(text, start))
+        end = pos
         pos = _WHITESPACE.match(text, pos).end()
         if text.startswith(",", pos):
             pos = _WHITESPACE.match(text, pos + 1).end()
@@ -98,7 +108,8 @@ def _parse_array(text: str, path: Path) -> List[Any]:
             return items
         else:
             what = "truncated: the array is not closed" if pos >= len(text) else (
-                f"expected ',' or ']' at {_position(text, pos)}"
+                f"expected ',' or ']' at {_position(text, pos)}, after the record on lines "
+                f"{_line(text, start)}-{_line(text, end - 1)}"
             )
             raise DataError(f"not valid JSON ({what})", file=path, record=len(items) - 1)
 
@@ -110,7 +121,7 @@ def _reason(error: Exception) -> str:
     return f"not valid JSON: {error}"
 
 
-def _parse_lines(text: str, path: Path) -> List[Any]:
+def _parse_lines(text: str, path: Path, starts: Optional[List[int]] = None) -> List[Any]:
     """One JSON value per line. Lines end at ``\\n`` only: ``str.splitlines`` would also cut at
     U+2028, U+0085 and the like, which JSON strings may hold unescaped."""
     items = []
@@ -119,6 +130,8 @@ def _parse_lines(text: str, path: Path) -> List[Any]:
             continue
         try:
             items.append(DECODER.decode(line))
+            if starts is not None:
+                starts.append(lineno)
         except json.JSONDecodeError as e:
             raise DataError(
                 f"not valid JSON on line {lineno} column {e.colno}: {e.msg}",
@@ -177,11 +190,12 @@ def read_json_records(path: Union[str, Path]) -> List[Dict[str, Any]]:
     """
     path = Path(path)
     text = read_text(path)
-    items = _parse_array(text, path) if text.lstrip()[0] == "[" else _parse_lines(text, path)
+    starts: List[int] = []
+    items = _parse_array(text, path, starts) if text.lstrip()[0] == "[" else _parse_lines(text, path, starts)
     for index, item in enumerate(items):
         if not isinstance(item, dict):
             raise DataError(
-                f"expected a JSON object, got {type(item).__name__}", file=path, record=index
+                f"expected a JSON object, got {type(item).__name__} (line {starts[index]})", file=path, record=index
             )
     _check_surrogates(text, items, path)
     return items

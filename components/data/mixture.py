@@ -6,7 +6,6 @@ own concatenation order is not recorded; the order here is the one its sizes wer
 the 90/10 split has the study's sizes but not provably its exact rows.
 """
 
-import random
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -15,7 +14,7 @@ from torchtune.datasets import PackedDataset
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
 from components.data.errors import DataError
-from components.data.instruct import InstructDataset, build_instruct_dataset, load_instruction_rows
+from components.data.instruct import InstructDataset, build_instruct_dataset, load_instruction_rows, take_amount
 from components.data.medical_meadow import MEDICAL_MEADOW_SETS, hub_id, set_name
 from components.data.packing import cached_packs
 
@@ -69,18 +68,6 @@ def set_file(data_dir: Union[str, Path], name: str) -> Path:
         if path.is_file():
             return path
     raise DataError(f"no {name}.json or {name}.jsonl for set {name!r}", file=data_dir)
-
-
-def take_amount(data: datasets.Dataset, amount: Amount, mix_seed: int) -> datasets.Dataset:
-    """The whole set (``amount`` None or above its size), or a random sample of ``amount`` rows
-    (an int) or of that fraction (a float), drawn with ``mix_seed`` and kept in the set's order."""
-    available = len(data)
-    if amount is None:
-        return data
-    take = min(amount, available) if isinstance(amount, int) else round(amount * available)
-    if take < available:
-        data = data.select(sorted(random.Random(mix_seed).sample(range(available), take)))
-    return data
 
 
 def load_mixture(

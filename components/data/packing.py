@@ -19,7 +19,7 @@ folder, in ``packed/packs-<max_seq_len>-<key>``, the key a SHA-256 of the source
 version. A build happens in a temporary folder next to it, ``report.json`` is written last and the
 folder is renamed into place: a killed build leaves nothing that looks complete (its temporary
 folder is removed by the next build); a second process after the same packs waits for the first
-(:func:`~components.data.pipeline.build_once`). The next run memory-maps the packs without packing.
+(:func:`~components.data.cache_store.build_once`). The next run memory-maps the packs without packing.
 """
 
 import bisect
@@ -36,6 +36,8 @@ import torch
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.datasets import PackedDataset
 from torchtune.utils import get_logger
+
+from components.data.cache_store import build_once, cache_key, folder_bytes, write_report
 
 log = get_logger("INFO")
 
@@ -338,7 +340,6 @@ class CachedPackedDataset(PackedDataset):
 def packing_key(source_key: str, *, max_seq_len: int, padding_idx: int, split_across_pack: bool) -> str:
     import torchtune
 
-    from components.data.pipeline import cache_key
 
     return cache_key({
         "packing": PACKING_VERSION,
@@ -378,7 +379,6 @@ def cached_packs(
         cache_dir: where the packed folders live. Default: ``<ds.cache_dir>/packed``.
         source_key: what identifies the source's items. Default: ``ds.report["cache"]["key"]``.
     """
-    from components.data.pipeline import _write_report, build_once, folder_bytes
 
     if source_key is None:
         source_key = (getattr(ds, "report", None) or {}).get("cache", {}).get("key")
@@ -398,7 +398,7 @@ def cached_packs(
         counts = write_packs(ds, tmp / PACKS_FILE, max_seq_len=max_seq_len, padding_idx=padding_idx,
                              split_across_pack=split_across_pack)
         positions = counts["packs"] * max_seq_len
-        _write_report(tmp, {
+        write_report(tmp, {
             **counts,
             "padding_tokens": positions - counts["tokens"],
             "fill": round(counts["tokens"] / positions, 4) if positions else None,

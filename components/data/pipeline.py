@@ -9,7 +9,7 @@ builds (same rows, same order, same tokens and labels) without holding the mix i
    (:func:`~components.data.json_records.read_json_records`), so malformed input fails with the
    same :class:`~components.data.errors.DataError` as everywhere else. Hub sets come from
    ``datasets.load_dataset`` (already Arrow) and are checked in batches. Capped sets are sampled
-   as :func:`~components.data.mixture.take_amount` does; the sets are concatenated in order.
+   as :func:`~components.data.instruct.take_amount` does; the sets are concatenated in order.
 2. **Filter and split.** ``filter_fn``, then the study's holdout split
    (:func:`~components.data.instruct.holdout_split`: an index permutation over the same rows in
    the same order, so the same train rows as without the cache).
@@ -25,7 +25,7 @@ builds (same rows, same order, same tokens and labels) without holding the mix i
    in a temporary folder, ``report.json`` is written last, and the folder is then renamed to
    its key: a build killed at any point leaves no folder that looks complete (temporary
    folders of dead builds are removed by the next build). A build holds a lock on its key
-   (:func:`build_once`, :func:`build_lock`): other processes after the same cache, such as the other ranks of a
+   (:func:`~components.data.cache_store.build_once`): other processes after the same cache, such as the other ranks of a
    distributed run, wait and then reuse it instead of building it again.
 
 The key is a SHA-256 of every input: each set file's path, size and modification time (or a Hub
@@ -41,16 +41,12 @@ does no loading, checking, tokenizing or decontaminating. Caches live under
 
 import codecs
 import copy
-import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
-import socket
 import time
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -65,6 +61,7 @@ from torchtune.datasets._sft import SFTTransform
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 from torchtune.utils import get_logger
 
+from components.data.cache_store import build_once, cache_key, data_cache_root, folder_bytes, mark_used, write_report
 from components.data.decontaminate import Decontaminator
 from components.data.errors import DataError
 from components.data.instruct import (
@@ -75,6 +72,7 @@ from components.data.instruct import (
     check_loaded_rows,
     holdout_split,
     summary,
+    take_amount,
 )
 from components.data.json_records import DECODER, has_lone_surrogate, read_json_records
 from components.data.templates import (
@@ -110,15 +108,6 @@ STATS = {"builds": 0, "hits": 0, "rows_processed": 0}
 
 
 # --- where and under what key -----------------------------------------------------------------
-
-def cache_root(cache_dir: Optional[Union[str, Path]] = None) -> Path:
-    """``cache_dir``, else ``<medtune cache>/data`` (see :func:`components.models.tiny.cache_root`)."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    from components.models.tiny import cache_root as medtune_cache_root
-
-    return medtune_cache_root() / "data"
-
 
 def path_fingerprint(path: Union[str, Path]) -> List[Tuple[str, int, int]]:
     """``[(absolute path, size, mtime_ns)]`` of a file, or of every file under a folder."""
@@ -170,10 +159,6 @@ def code_fingerprint() -> str:
     for name in CODE_MODULES:
         h.update(name.encode() + b"\0" + (here / name).read_bytes())
     return h.hexdigest()
-
-
-def cache_key(settings: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # --- streaming local files into Arrow ---------------------------------------------------------
@@ -488,74 +473,11 @@ class CachedInstructDataset(InstructDataset):
 
 # --- build or reuse ---------------------------------------------------------------------------
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:40]
-
-
-def remove_stale_builds(root: Path) -> List[Path]:
-    """Remove temporary build folders (``.tmp-<key>-<pid>-<random>-<host>``) of this host whose
-    process is gone (killed builds); return them. Other hosts' folders (a shared cache
-    filesystem) are left alone."""
-    removed = []
-    if not root.is_dir():
-        return removed
-    for tmp in root.glob(".tmp-*"):
-        parts = tmp.name.split("-", 4)
-        try:
-            pid, host = int(parts[2]), parts[4]
-        except (IndexError, ValueError):
-            continue
-        if host == _host() and not _pid_alive(pid):
-            shutil.rmtree(tmp, ignore_errors=True)
-            removed.append(tmp)
-    return removed
-
-
-@contextmanager
-def build_lock(root: Path, key: str) -> Iterator[None]:
-    """Hold an exclusive lock on ``root/.lock-<key>`` while building a cache: a second process
-    after the same cache (another rank of a distributed run, a parallel study step) waits for the
-    first and then reuses its result instead of building it again. The lock is advisory
-    (``flock``); where the filesystem has none, both build and the rename keeps one."""
-    with open(root / f".lock-{key[:20]}", "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info(f"waiting for another process building the cache {key[:20]} in {root}")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except OSError:  # no locks on this filesystem
-            pass
-        yield  # closing the file releases the lock
-
-
-def folder_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def open_dataset(folder: Path) -> datasets.Dataset:
     """The Arrow files listed in ``folder/files.json``, memory-mapped, in order."""
     names = json.loads((folder / FILES_LIST).read_text())
     parts = [datasets.Dataset.from_file(str(folder / name)) for name in names]
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-
-
-def mark_used(folder: Path) -> None:
-    """Set the folder's modification time to now: ``medtune data cache`` reports it as the last
-    use, and ``--remove-unused-days`` goes by it. A read-only cache stays as it is."""
-    try:
-        os.utime(folder)
-    except OSError:
-        pass
 
 
 def load_cache(folder: Path) -> Optional[CachedInstructDataset]:
@@ -612,7 +534,7 @@ def cached_mixture(
         skip_empty: drop records whose output is empty or blank (counted as ``empty``).
         long_records: ``"truncate"`` (the study's way; counted as ``truncated``) or ``"skip"``
             (counted as ``too_long``) for records over ``tokenizer.max_seq_len`` tokens.
-        cache_dir: the cache's root folder; default :func:`cache_root`.
+        cache_dir: the cache's root folder; default :func:`~components.data.cache_store.data_cache_root`.
         num_proc: processes for the tokenizing map; default 2 (1 below 50,000 rows).
         Other arguments: as in :func:`components.data.mixture.medical_meadow_mixture`.
     """
@@ -651,7 +573,7 @@ def cached_mixture(
         "long_records": long_records,
     }
     key = cache_key(settings)
-    root = cache_root(cache_dir)
+    root = data_cache_root(cache_dir)
     folder = root / f"{report.get('name', 'dataset')}-{key[:20]}"
     cached = load_cache(folder)
     if cached is not None:
@@ -673,7 +595,7 @@ def cached_mixture(
         report["build_seconds"] = round(time.time() - started, 1)
         report["cache"] = {"key": key, "bytes": folder_bytes(tmp / "dataset")}
         (tmp / "settings.json").write_text(json.dumps(settings, indent=1, default=str))
-        _write_report(tmp, report)
+        write_report(tmp, report)
 
     if not build_once(root, key, folder, build):  # another process built it while this one waited
         cached = load_cache(folder)
@@ -690,39 +612,6 @@ def cached_mixture(
     return ds
 
 
-def build_once(root: Path, key: str, folder: Path, build: Callable[[Path], None]) -> bool:
-    """Build the cache ``folder`` unless it is complete: under the key's :func:`build_lock`,
-    ``build(tmp)`` fills a fresh temporary folder (``report.json`` last), which is then renamed
-    to ``folder``; anything raised (a kill leaves it to :func:`remove_stale_builds`) removes it.
-    False when another process completed ``folder`` while this one waited for the lock."""
-    root.mkdir(parents=True, exist_ok=True)
-    with build_lock(root, key):
-        if (folder / "report.json").is_file():
-            return False
-        remove_stale_builds(root)
-        tmp = root / f".tmp-{key[:12]}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{_host()}"
-        tmp.mkdir()
-        try:
-            build(tmp)
-            try:
-                os.rename(tmp, folder)
-            except OSError:
-                if not (folder / "report.json").is_file():
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)  # another host finished the same build first
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return True
-
-
-def _write_report(folder: Path, report: Mapping[str, Any]) -> None:
-    """The report, written last: a folder with ``report.json`` is a complete cache."""
-    part = folder / "report.json.part"
-    part.write_text(json.dumps(report, indent=1, default=str))
-    os.replace(part, folder / "report.json")
-
-
 def _build(
     tokenizer: ModelTokenizer,
     tmp: Path,
@@ -731,7 +620,6 @@ def _build(
     holdout_seed, holdout, decontaminate, decontaminate_ngram, filter_fn, skip_empty, long_records, num_proc,
 ) -> datasets.Dataset:
     from components.data.medical_meadow import MEDICAL_MEADOW_SETS
-    from components.data.mixture import take_amount
 
     (tmp / "raw").mkdir()
     parts, per_set = [], {}

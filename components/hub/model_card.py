@@ -15,7 +15,6 @@ from typing import Any, Dict, List, Optional, Tuple
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from components.data.medical_meadow import MEDICAL_MEADOW_SETS, hub_id
 from components.evaluation.bertscore import DEFAULT_MODEL, MODEL_ENV
 from components.hub.run import RunInfo
 
@@ -71,6 +70,8 @@ def _hub_source(value: Any) -> Optional[str]:
 
 def training_datasets(config: Dict[str, Any]) -> List[str]:
     """Hub ids of the training data the config's dataset builder reads (or samples, from local copies)."""
+    from components.data.medical_meadow import MEDICAL_MEADOW_SETS, hub_id  # here: it imports torchtune
+
     dataset = config.get("dataset") or {}
     builder = _component(config, "dataset").rsplit(".", 1)[-1]
     if builder == "medical_meadow_mixture":

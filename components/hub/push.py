@@ -16,11 +16,12 @@ messages it prints. ``--dry-run`` needs neither a token nor the network.
 import argparse
 import re
 import sys
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 from components.hub.checkpoint import PushError, Upload, adapter_files, merged_files
-from components.hub.model_card import base_model_id, build_card, training_datasets
-from components.hub.run import RunInfo, load_run
+
+if TYPE_CHECKING:  # the run and card modules import torch: push() and plan() import them, not medtune --help
+    from components.hub.run import RunInfo
 
 _SECRET = re.compile(r"hf_[A-Za-z0-9]{6,}|(?i:bearer)\s+\S+")
 
@@ -45,9 +46,11 @@ def check_repo_id(repo_id: str) -> None:
 
 
 def plan(
-    info: RunInfo, repo_id: str, adapter: bool, base_model: Optional[str] = None, datasets: Optional[List[str]] = None
+    info: "RunInfo", repo_id: str, adapter: bool, base_model: Optional[str] = None, datasets: Optional[List[str]] = None
 ) -> List[Upload]:
     """Every file of the commit, the model card (README.md) first; raises `PushError` if incomplete."""
+    from components.hub.model_card import base_model_id, build_card, training_datasets
+
     base_model = base_model or base_model_id(info.config)
     datasets = list(dict.fromkeys([*training_datasets(info.config), *(datasets or [])]))
     if adapter:
@@ -140,6 +143,8 @@ def push(
     datasets: Optional[List[str]] = None,
 ) -> int:
     """Check, describe and (unless `dry_run`) upload a run; the exit code of `medtune push`."""
+    from components.hub.run import load_run
+
     try:
         check_repo_id(repo_id)
         info = load_run(run_dir)

@@ -20,6 +20,8 @@ import json
 from functools import partial
 from typing import Any, Dict, List, Optional
 
+from components.data.cli import add_selection_options, load_spec
+
 DEFAULT_SPEC = "medquad:lavita/MedQuAD"
 #: build-kc warns when the best length-only rule is right more often than this, over all pairs.
 LENGTH_WARNING = 0.65
@@ -39,8 +41,6 @@ def load_rewriter(path: Optional[str]):
 
 
 def _records(args: argparse.Namespace) -> List[Dict[str, Any]]:
-    from components.cli import load_spec  # here: components.cli imports this module
-
     kind, location = args.spec
     if kind == "usmle":
         raise ValueError("KnowTuning needs long-answer QA records (medquad:, meadow:, mixture:), not usmle:")
@@ -162,8 +162,6 @@ def margin(args: argparse.Namespace) -> int:
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
-    from components.cli import add_selection_options
-
     add_selection_options(parser, DEFAULT_SPEC)
     parser.add_argument("--out", required=True, metavar="FILE.jsonl", help="output file")
     parser.add_argument("--rewriter", metavar="MODULE:FUNCTION", help="a callable rewriter(task, text, context) -> str or None")

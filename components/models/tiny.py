@@ -13,7 +13,6 @@ the dimensions or to the sample data makes a new one instead of reusing a stale 
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from functools import partial
@@ -29,6 +28,7 @@ from torchtune.models.llama3_2 import llama3_2, lora_llama3_2
 from torchtune.modules import TransformerDecoder
 from torchtune.training import FullModelHFCheckpointer
 
+from components.cache_root import cache_root
 from components.models.tokenizer import (
     NUM_SPECIAL_TOKENS,
     special_tokens_for,
@@ -130,14 +130,6 @@ def tiny_llama3_2_checkpointer(
         safe_serialization=safe_serialization,
         should_load_recipe_state=should_load_recipe_state,
     )
-
-
-def cache_root() -> Path:
-    """`$MEDTUNE_CACHE_DIR`, else `$XDG_CACHE_HOME/medtune`, else `~/.cache/medtune`."""
-    if os.environ.get("MEDTUNE_CACHE_DIR"):
-        return Path(os.environ["MEDTUNE_CACHE_DIR"])
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "medtune"
 
 
 def tiny_checkpoint_path(corpus: Optional[List[str]] = None) -> Path:

@@ -2,15 +2,16 @@
 
 import sys
 
-from components.study.manifest import write_manifest
-from components.study.plots import plot_losses, plot_table
-from components.study.report import collect, write_report
-from components.study.runner import StudyRunner
-from components.study.spec import StudyError, load_study
-
 
 def study(path: str, output_dir: str = None, only=None, dry_run: bool = False) -> int:
     """Run (or with `dry_run`, list) every step of a study, then write its report."""
+    # here, not at the top: the runner and plots import torch and matplotlib (medtune --help stays fast)
+    from components.study.manifest import write_manifest
+    from components.study.plots import plot_losses, plot_table
+    from components.study.report import collect, write_report
+    from components.study.runner import StudyRunner
+    from components.study.spec import StudyError, load_study
+
     try:
         spec = load_study(path)
         runner = StudyRunner(spec, output_dir, only)
