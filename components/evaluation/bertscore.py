@@ -81,15 +81,23 @@ def _device() -> str:
 def _scorer(model_type: str, num_layers: int, batch_size: int):
     from bert_score import BERTScorer
 
-    return BERTScorer(
-        model_type=model_type,
-        num_layers=num_layers,
-        batch_size=batch_size,
-        device=_device(),
-        idf=False,
-        rescale_with_baseline=False,
-        lang="en",
-    )
+    try:
+        return BERTScorer(
+            model_type=model_type,
+            num_layers=num_layers,
+            batch_size=batch_size,
+            device=_device(),
+            idf=False,
+            rescale_with_baseline=False,
+            lang="en",
+        )
+    except OSError as e:  # transformers: not on disk and the Hub unreachable (or no such model)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OSError(
+            f"BERTScore model {model_type!r} cannot be loaded ({reason}); offline, use "
+            f"--bertscore-model {MINILM_ALIAS} (all-MiniLM-L6-v2, shipped by the installed package of that "
+            f"name; for tests and demos) or a local folder of the model, or 'none' to skip BERTScore"
+        ) from None
 
 
 def bertscore(

@@ -14,9 +14,10 @@ stepN_Llama-3.2-3B.json --usmle-dir ../shared/data/usmle``.
 """
 
 import argparse
+import difflib
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 
 def _metadata(args: argparse.Namespace) -> Dict[str, Any]:
@@ -61,7 +62,55 @@ def _report(results: Dict[str, Any], args: argparse.Namespace) -> int:
     return 0
 
 
+def generation_tasks() -> List[str]:
+    """medtune's tasks ``medtune score`` can replay: the generation ones."""
+    from components.evaluation.runner import medtune_task_names
+
+    return sorted(n for n in medtune_task_names() if n.endswith("_gen") or n == "medquad")
+
+
+def check_tasks(tasks: str, include_path, generation_only: bool = False) -> List[str]:
+    """The requested task names, or a ValueError naming an unknown one, the closest known name and
+    medtune's tasks (checked before any model loads); with ``generation_only`` (``medtune score``)
+    medtune's log-likelihood tasks are refused too."""
+    from components.evaluation.runner import medtune_task_names, split_tasks, task_manager
+
+    names = split_tasks(tasks)
+    ours = medtune_task_names()
+    unknown = [n for n in names if n not in ours]
+    if unknown:
+        known = set(task_manager(include_path, None, names).all_tasks)
+        for name in unknown:
+            if name not in known:
+                close = difflib.get_close_matches(name, sorted(ours | known), n=1)
+                raise ValueError(
+                    f"unknown task {name!r}{f' (closest: {close[0]})' if close else ''}; medtune's tasks: "
+                    f"{', '.join(sorted(ours))}; lm-eval's own: lm_eval ls tasks"
+                )
+    if generation_only:
+        for name in names:
+            if name in ours and name not in generation_tasks():
+                raise ValueError(
+                    f"{name!r} scores log-likelihoods (multiple choice), which need the model itself: medtune "
+                    f"score replays stored generations, so it takes the generation tasks: "
+                    f"{', '.join(generation_tasks())} (or run medtune eval on the checkpoint)"
+                )
+    return names
+
+
+def check_device(device: str) -> None:
+    """Refuse a CUDA device on a machine without one, in words (lm-eval would assert)."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu")
+
+
 def eval_command(args: argparse.Namespace) -> int:
+    check_tasks(args.tasks, args.include_path)
+    check_device(args.device)
+
     from lm_eval.models.huggingface import HFLM
 
     from components.evaluation.runner import run_tasks
@@ -91,14 +140,19 @@ def eval_command(args: argparse.Namespace) -> int:
 
 
 def score_command(args: argparse.Namespace) -> int:
+    check_tasks(args.task, args.include_path, generation_only=True)
+
     from components.evaluation.replay import ReplayLM
     from components.evaluation.runner import run_tasks
 
     lm = ReplayLM(path=args.file, missing="empty" if args.allow_missing else "error")
-    results = run_tasks(
-        lm, args.task, output_dir=args.output_dir, limit=args.limit, metadata=_metadata(args),
-        include_path=args.include_path,
-    )
+    try:
+        results = run_tasks(
+            lm, args.task, output_dir=args.output_dir, limit=args.limit, metadata=_metadata(args),
+            include_path=args.include_path,
+        )
+    except NotImplementedError as e:  # a log-likelihood task from another --include-path folder
+        raise ValueError(f"{args.task}: {e}") from None
     return _report(results, args)
 
 

@@ -67,10 +67,13 @@ def resolve_usmle_dir(usmle_dir: Optional[Union[str, Path]] = None) -> Path:
     try:
         paths = [hf_hub_download(HUB_ID, f, repo_type="dataset") for f in files]
     except Exception as e:  # offline, no access, ...
-        raise RuntimeError(
-            f"could not fetch the USMLE questions from the Hub ({HUB_ID}): {e}. "
-            f"Point ${USMLE_DIR_ENV} (or the task metadata usmle_dir) at a local copy of its JSON files."
-        ) from e
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # OSError: medtune eval/score print it as one line; lm_eval prints its traceback, this last
+        raise OSError(
+            f"no local USMLE questions and the Hub copy ({HUB_ID}) is unreachable ({reason}): set "
+            f"{USMLE_DIR_ENV}=/path/to/usmle (a folder with step1.json ...), or pass lm_eval "
+            f"--metadata '{{\"usmle_dir\": \"/path/to/usmle\"}}' (medtune eval/score: --usmle-dir)"
+        ) from None
     return Path(paths[0]).parent
 
 
