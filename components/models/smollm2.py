@@ -12,8 +12,15 @@ So the QLoRA builder quantizes the 90 MLP weights to NF4 (about 80 M of the 135 
 keeps the attention projections, norms and embeddings in the training dtype.
 """
 
+import errno
 from functools import partial
-from typing import List, Optional
+from pathlib import Path
+from typing import Any, List, Mapping, Optional, Tuple
+
+from tokenizers import Tokenizer
+from torchtune.data import Message
+from torchtune.data._prompt_templates import _get_prompt_template
+from torchtune.data._utils import truncate
 
 from torchtune.models.llama3._component_builders import (
     llama3,
@@ -23,6 +30,8 @@ from torchtune.models.llama3._component_builders import (
 )
 from torchtune.modules import TiedLinear, TransformerDecoder
 from torchtune.modules.common_utils import _register_reparametrize_state_dict_hooks
+from torchtune.modules.transforms import Transform
+from torchtune.modules.transforms.tokenizers import ModelTokenizer
 from torchtune.training import FullModelHFCheckpointer
 
 from components.models.smollm2_checkpoint import CHECKPOINT_FILE, smollm2_checkpoint_dir
@@ -137,3 +146,83 @@ def smollm2_135m_checkpointer(
         should_load_recipe_state=should_load_recipe_state,
     )
 
+
+
+class SmolLM2Tokenizer(ModelTokenizer, Transform):
+    """SmolLM2's byte-level BPE (its ``tokenizer.json`` through the ``tokenizers`` library) with
+    torchtune's tokenizer interface; ids equal transformers' for the same folder.
+
+    ``tokenize_messages`` renders the model's ChatML exactly as its chat template does
+    (``<|im_start|>role\\n...<|im_end|>\\n`` per message, SmolLM's default system turn when none is
+    given): headers and masked messages are masked, an assistant's ``<|im_end|>`` (the EOS) is
+    trained. Without end tokens (generation) the prompt ends in ``<|im_start|>assistant\\n``.
+    """
+
+    DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+    def __init__(self, path: str, max_seq_len: Optional[int] = None, prompt_template=None):
+        if not Path(path).is_file():
+            raise FileNotFoundError(errno.ENOENT, "no tokenizer.json here", path)
+        self.tokenizer = Tokenizer.from_file(path)
+        self.max_seq_len = max_seq_len
+        self.prompt_template = prompt_template
+        self.special_tokens = {
+            token: self.tokenizer.token_to_id(token) for token in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+        }
+        self.bos_id = self.special_tokens["<|im_start|>"]
+        self.eos_id = self.special_tokens["<|im_end|>"]
+        self.pad_id = self.eos_id
+        self.stop_tokens = [self.eos_id, self.special_tokens["<|endoftext|>"]]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str, add_bos: bool = True, add_eos: bool = True) -> List[int]:
+        """Token ids of ``text`` (transformers' ids with ``add_special_tokens=False``)."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
+
+    def decode(self, token_ids: List[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def tokenize_messages(self, messages: List[Message], *, add_end_tokens: bool = True) -> Tuple[List[int], List[bool]]:
+        if self.prompt_template is not None:
+            messages = self.prompt_template(messages)
+        if not messages or messages[0].role != "system":
+            messages = [Message(role="system", content=self.DEFAULT_SYSTEM, masked=True)] + list(messages)
+        tokens: List[int] = []
+        mask: List[bool] = []
+        for index, message in enumerate(messages):
+            last_open = not add_end_tokens and index == len(messages) - 1 and message.role == "assistant"
+            header = [self.bos_id] + self.encode(f"{message.role}\n", add_bos=False, add_eos=False)
+            body = self.encode(message.text_content, add_bos=False, add_eos=False)
+            end = [] if last_open else [self.eos_id] + self.encode("\n", add_bos=False, add_eos=False)
+            tokens += header + body + end
+            mask += [True] * len(header) + [message.masked] * len(body)
+            mask += [message.masked] + [True] * (len(end) - 1) if end else []
+        if not add_end_tokens and messages[-1].role != "assistant":
+            prompt = [self.bos_id] + self.encode("assistant\n", add_bos=False, add_eos=False)
+            tokens += prompt
+            mask += [True] * len(prompt)
+        if self.max_seq_len:
+            tokens = truncate(tokens, self.max_seq_len, self.eos_id if add_end_tokens else None)
+            mask = truncate(mask, self.max_seq_len, True if add_end_tokens else None)
+        return tokens, mask
+
+    def __call__(self, sample: Mapping[str, Any], inference: bool = False) -> Mapping[str, Any]:
+        messages = sample.pop("messages")
+        sample["tokens"], sample["mask"] = self.tokenize_messages(messages, add_end_tokens=not inference)
+        return sample
+
+
+def smollm2_tokenizer(
+    max_seq_len: Optional[int] = None, prompt_template: Optional[str] = None, source: Optional[str] = None
+) -> SmolLM2Tokenizer:
+    """The tokenizer of the SmolLM2 checkpoint ``source`` (see :func:`smollm2_135m_checkpointer`)."""
+    template = _get_prompt_template(prompt_template) if prompt_template is not None else None
+    return SmolLM2Tokenizer(
+        str(Path(smollm2_checkpoint_dir(source)) / "tokenizer.json"),
+        max_seq_len=max_seq_len,
+        prompt_template=template,
+    )
