@@ -14,7 +14,7 @@ from torchtune.config._errors import ConfigError
 from components.config_check import check_component, components
 from tests.helpers import REPO_ROOT
 
-CONFIG_DIRS = ("tiny", "llama3_2_3B")
+CONFIG_DIRS = ("tiny", "llama3_2_3B", "smollm2_135m")
 CONFIGS = sorted(p for d in CONFIG_DIRS for p in (REPO_ROOT / "configs" / d).glob("*.yaml"))
 RUN_LINE = re.compile(r"^#\s+(tune run (?:--nproc_per_node \d+ )?(\S+) --config (\S+))\s*$")
 BUILTIN_RECIPES = {recipe.name for recipe in get_all_recipes()}
