@@ -29,6 +29,8 @@ from typing import Any, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from components.user_errors import config_file_from_argv, relative_path_note
+
 #: Keys a config may hold whatever its recipe reads: ``output_dir`` and ``resume_from_checkpoint``
 #: appear in every torchtune config (the first is also what interpolations like
 #: ``${output_dir}/logs`` refer to, the second is read by some recipes through the checkpointer).
@@ -218,17 +220,6 @@ def check_component(where: str, node: DictConfig) -> List[str]:
 # ---------------------------------------------------------------------------- the check
 
 
-def config_file_from_argv(argv: Optional[Sequence[str]] = None) -> Optional[str]:
-    """The ``--config`` value of a ``tune run`` command line (``sys.argv`` inside the recipe)."""
-    argv = list(sys.argv if argv is None else argv)
-    for index, arg in enumerate(argv):
-        if arg == "--config" and index + 1 < len(argv):
-            return argv[index + 1]
-        if arg.startswith("--config="):
-            return arg.split("=", 1)[1]
-    return None
-
-
 def config_problems(
     cfg: DictConfig, recipe_file: Union[str, Path], file_cfg: Optional[DictConfig] = None
 ) -> List[str]:
@@ -276,7 +267,6 @@ _LOCAL_SOURCES = frozenset({None, "json", "csv", "parquet", "text", "arrow"})
 def missing_data_paths(cfg: DictConfig) -> List[str]:
     """Data files and folders the ``dataset`` section names that do not exist, each located;
     a relative one seen from outside the repository root says where paths start."""
-    from components.user_errors import relative_path_note
 
     problems = []
     for where, node in components(cfg.get("dataset")) if "dataset" in cfg else []:

@@ -11,7 +11,7 @@ import functools
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 #: The repository root: the shipped configs' relative paths (sample data, recipes) start here.
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +31,17 @@ def relative_path_note(path: Optional[Union[str, Path]]) -> str:
     )
 
 
+def config_file_from_argv(argv: Optional[Sequence[str]] = None) -> Optional[str]:
+    """The ``--config`` value of a ``tune run`` command line (``sys.argv`` inside the recipe)."""
+    argv = list(sys.argv if argv is None else argv)
+    for index, arg in enumerate(argv):
+        if arg == "--config" and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def exit_with(message: str) -> None:
     """Print ``error: message`` on stderr and exit with status 2 (a user's mistake)."""
     rank = os.environ.get("RANK")
@@ -43,8 +54,7 @@ def one_line_errors(main: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate ``recipe_main`` (above ``@config.parse``): a bad ``--config`` path, a
     ``DataError`` or a missing file ends the run with one line and exit status 2."""
 
-    from components.config_check import config_file_from_argv  # here: `medtune validate` imports
-    from components.data.errors import DataError  # this module, and `medtune --help` stays light
+    from components.data.errors import DataError  # here: `medtune --help` stays light
 
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
