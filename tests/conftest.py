@@ -27,11 +27,6 @@ def pytest_unconfigure(config):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _worker_number() -> int:
-    """This pytest-xdist worker's number (``gw3`` is 3); 0 without xdist."""
-    return int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
-
-
 @pytest.fixture(scope="session", autouse=True)
 def isolated_caches(tmp_path_factory):
     """Point medtune's and tiktoken's caches at session folders (Hub access is already off:
@@ -48,9 +43,6 @@ def isolated_caches(tmp_path_factory):
         # processes spin against each other (a GaLore SVD or a train step up to 30x slower);
         # the pinned losses were measured this way.
         "OMP_NUM_THREADS": "1",
-        # torchrun's rendezvous port (its --master_port reads PET_MASTER_PORT): one per pytest-xdist
-        # worker, so two workers' `tune run --nproc_per_node 2` never meet on torchrun's 29500.
-        "PET_MASTER_PORT": str(29500 + 10 * (1 + _worker_number())),
     }
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
