@@ -55,3 +55,39 @@ def test_chatml_equals_the_chat_template_and_masks_the_prompt(tokenizers, with_s
     prompt, _ = ours.tokenize_messages(messages[:-1], add_end_tokens=False)
     assert prompt == hf.apply_chat_template(chat[:-1], add_generation_prompt=True, tokenize=True,
                                             return_dict=True)["input_ids"]
+
+
+@pytest.mark.parametrize("template", ["medalpaca", "alpaca"])
+def test_text_templates_start_at_a_document_boundary_not_a_chat_turn(tokenizers, template):
+    """medAlpaca/Alpaca are plain text: <|endoftext|> (SmolLM2's document separator), then exactly
+    transformers' ids of the prompt and of the response, then <|im_end|>; <|im_start|> (which opens
+    a ChatML turn and wants a role name after it) appears nowhere."""
+    from components.data.templates import InstructToMessages, format_prompt, model_transform_for
+
+    ours, hf = tokenizers
+    record = {"instruction": "Answer this question truthfully", "input": "What causes scurvy?",
+              "output": "A lack of vitamin C."}
+    messages = InstructToMessages(template)(dict(record))["messages"]
+    tokens, mask = model_transform_for(template, ours).tokenize_messages(messages)
+    prompt = hf(format_prompt(template, record["instruction"], record["input"]), add_special_tokens=False).input_ids
+    response = hf(record["output"], add_special_tokens=False).input_ids
+    assert tokens == [hf.convert_tokens_to_ids("<|endoftext|>")] + prompt + response + [hf.eos_token_id]
+    assert hf.bos_token_id not in tokens and hf.bos_token == "<|im_start|>"
+    assert mask[0] and not mask[-1]  # the separator is context, the closing <|im_end|> is trained
+
+
+def test_chat_template_records_are_chatml(tokenizers):
+    """The `llama3_chat` template name hands the record to the tokenizer's own chat format: for
+    SmolLM2 that is its ChatML, token for token the checkpoint's chat template."""
+    from components.data.templates import InstructToMessages, model_transform_for
+
+    ours, hf = tokenizers
+    record = {"instruction": "Answer this question truthfully", "input": "What causes scurvy?",
+              "output": "A lack of vitamin C."}
+    messages = InstructToMessages("llama3_chat", train_on_input=False)(dict(record))["messages"]
+    tokens, mask = model_transform_for("llama3_chat", ours).tokenize_messages(messages)
+    chat = [{"role": "user", "content": "Answer this question truthfully\n\nWhat causes scurvy?"},
+            {"role": "assistant", "content": "A lack of vitamin C."}]
+    assert tokens == hf.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
+    trained = [t for t, m in zip(tokens, mask) if not m]
+    assert trained == hf("A lack of vitamin C.", add_special_tokens=False).input_ids + [hf.eos_token_id]
