@@ -1,5 +1,7 @@
-"""Optimizer builders: GaLore (galore-torch) over named parameters, and layer-wise stepping."""
+"""Optimizer builders: GaLore (galore-torch) and APOLLO (apollo-torch) over named parameters, and
+layer-wise stepping."""
 
+from components.optim.apollo import APOLLOAdamW, apollo_adamw
 from components.optim.galore import (
     GALORE_TARGETS,
     GaLoreAdafactor,
@@ -15,11 +17,13 @@ from components.optim.galore import (
 from components.optim.layerwise import LayerwiseOptimizer
 
 __all__ = [
+    "APOLLOAdamW",
     "GALORE_TARGETS",
     "GaLoreAdafactor",
     "GaLoreAdamW",
     "GaLoreAdamW8bit",
     "LayerwiseOptimizer",
+    "apollo_adamw",
     "galore_adafactor",
     "galore_adamw",
     "galore_adamw8bit",

@@ -313,18 +313,19 @@ class GaLoreAdamW8bit(_SerializableProjectors, galore_torch.GaLoreAdamW8bit):
 
 
 def split_galore_params(
-    named_params: NamedParams, target_modules: Sequence[str] = GALORE_TARGETS
+    named_params: NamedParams, target_modules: Sequence[str] = GALORE_TARGETS, method: str = "GaLore"
 ) -> Tuple[List[Tuple[str, nn.Parameter]], List[Tuple[str, nn.Parameter]]]:
     """(GaLore parameters, other parameters), each as (name, parameter), in model order.
 
     A parameter is a GaLore parameter when it is the 2-D ``weight`` of a module whose own name
     (the last dotted component, e.g. ``q_proj`` in ``layers.0.attn.q_proj.weight``) is in
-    ``target_modules``. Frozen parameters are left out.
+    ``target_modules``. Frozen parameters are left out. ``method`` names the optimizer in errors
+    (APOLLO splits the same way).
     """
     named = _as_named(named_params)
     targets = [str(t) for t in ([target_modules] if isinstance(target_modules, str) else target_modules)]
     if not targets:
-        raise ValueError("target_modules is empty: name at least one module for GaLore")
+        raise ValueError(f"target_modules is empty: name at least one module for {method}")
     galore, other, matched = [], [], set()
     for name, param in named:
         if not param.requires_grad:
@@ -333,7 +334,7 @@ def split_galore_params(
         module_name = module.rpartition(".")[2]
         if module_name in targets and leaf == "weight":
             if param.dim() != 2:
-                raise ValueError(f"GaLore needs 2-D weights; {name} has shape {tuple(param.shape)}")
+                raise ValueError(f"{method} needs 2-D weights; {name} has shape {tuple(param.shape)}")
             galore.append((name, param))
             matched.add(module_name)
         else:
@@ -342,7 +343,7 @@ def split_galore_params(
     if missing:
         seen = sorted({n.rpartition(".")[0].rpartition(".")[2] for n, p in named if p.dim() == 2})
         raise ValueError(
-            f"GaLore target_modules {missing} match no 2-D weight of this model. "
+            f"{method} target_modules {missing} match no 2-D weight of this model. "
             f"Module names with 2-D weights here: {seen}"
         )
     return galore, other
@@ -354,7 +355,7 @@ def _as_named(named_params: NamedParams) -> List[Tuple[str, nn.Parameter]]:
         raise ValueError("the optimizer was given no parameters")
     if not all(isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) for item in named):
         raise TypeError(
-            "GaLore builders need model.named_parameters() (names pick the target modules), but "
+            "GaLore and APOLLO builders need model.named_parameters() (names pick the target modules), but "
             "got bare parameters. torchtune's own recipes hand the optimizer model.parameters(): "
             "run recipes/galore_finetune_single_device.py instead."
         )
@@ -403,15 +404,16 @@ def _build(
     target_modules: Sequence[str],
     layerwise: bool,
     kwargs: Dict[str, Any],
+    method: str = "GaLore",
 ) -> Optimizer:
     named = _as_named(named_params)
-    galore, other = split_galore_params(named, target_modules)
+    galore, other = split_galore_params(named, target_modules, method)
     small = [f"{n} {tuple(p.shape)}" for n, p in galore if min(p.shape) <= galore_settings["rank"]]
     if small:
         log.warning(
-            "GaLore rank %d is not below the smaller side of %d weight(s) (e.g. %s): their "
+            "%s rank %d is not below the smaller side of %d weight(s) (e.g. %s): their "
             "projected state is as large as the full one",
-            galore_settings["rank"], len(small), small[0],
+            method, galore_settings["rank"], len(small), small[0],
         )
     if not layerwise:
         groups = []
