@@ -41,8 +41,9 @@ import inspect
 import sys
 import time
 
+from contextlib import contextmanager
 from functools import partial
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 from warnings import warn
 
 import torch
@@ -50,6 +51,7 @@ from omegaconf import DictConfig, ListConfig
 
 from torch import nn
 from torch.optim import Optimizer
+from torch.utils.checkpoint import checkpoint
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config, modules, rlhf, training, utils
@@ -77,6 +79,54 @@ from components.config_check import exit_on_config_problems
 from components.user_errors import one_line_errors
 
 log = utils.get_logger("DEBUG")
+
+#: medtune: positions (rows of the flattened batch) whose logits exist at once in the DPO forward
+LOGPROB_CHUNK_TOKENS = 1024
+
+
+@contextmanager
+def final_hidden_state(model: nn.Module) -> Iterator[None]:
+    """medtune: inside, the decoder's forward returns its last hidden state, before the final
+    norm and the output projection (its ``unembed`` step, shadowed on the instance)."""
+    model.unembed = lambda h: h
+    try:
+        yield
+    finally:
+        del model.unembed
+
+
+def _chunk_log_probs(
+    model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token log-probs and per-row mean logits of one chunk of rows, as torchtune computes
+    them: norm, output projection, fp32, ``rlhf.logits_to_logprobs``."""
+    logits = model.output(model.norm(hidden)).float()
+    log_probs = rlhf.logits_to_logprobs(logits, labels, temperature=1.0)
+    return log_probs, logits.detach().mean(-1)
+
+
+def chunked_log_probs(
+    model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """medtune: ``[b, s-1]`` log-probs of ``labels`` (the next tokens) and ``[b, s]`` mean
+    logits of every position (the logits metrics) from the last hidden state ``[b, s, d]``,
+    LOGPROB_CHUNK_TOKENS positions at a time. With gradients on, each chunk is recomputed in
+    the backward pass (activation checkpointing), so only one chunk's logits are ever alive."""
+    b, s, d = hidden.shape
+    # the last position predicts no label but counts in the logits metric, as in torchtune
+    padded = torch.cat([labels, labels.new_zeros(b, 1)], dim=1).reshape(b * s, 1)
+    rows = hidden.reshape(b * s, 1, d)
+    log_probs, means = [], []
+    for start in range(0, b * s, LOGPROB_CHUNK_TOKENS):
+        part = (model, rows[start : start + LOGPROB_CHUNK_TOKENS], padded[start : start + LOGPROB_CHUNK_TOKENS])
+        if torch.is_grad_enabled():
+            lp, mean = checkpoint(_chunk_log_probs, *part, use_reentrant=False)
+        else:
+            lp, mean = _chunk_log_probs(*part)
+        log_probs.append(lp)
+        means.append(mean)
+    return torch.cat(log_probs).reshape(b, s)[:, :-1], torch.cat(means).reshape(b, s)
+
 
 class KnowTuningDPORecipeSingleDevice(FTRecipeInterface):
     """
@@ -548,8 +598,9 @@ class KnowTuningDPORecipeSingleDevice(FTRecipeInterface):
             batch (Tuple[torch.Tensor, torch.Tensor]): Tuple of input_ids and labels.
 
         Returns:
-            Tuple of chosen log probs, rejected log probs, chosen logits, rejected logits,
-            and (medtune) the chosen answers' mean per-token log probs.
+            Tuple of chosen log probs, rejected log probs, (medtune) the mean chosen and
+            rejected logits (detached, for the metrics), and the chosen answers' mean
+            per-token log probs.
         """
         concatenated_input_ids, concatenated_labels = batch
         concatenated_input_ids = concatenated_input_ids.to(self._device)
@@ -558,31 +609,31 @@ class KnowTuningDPORecipeSingleDevice(FTRecipeInterface):
         # formed by concatenating an equal number of "chosen" and "rejected".
         len_chosen = concatenated_input_ids.shape[0] // 2
 
-        with self.activations_handling_ctx:
-            all_logits = model(concatenated_input_ids)
+        # medtune: the model stops at its last hidden state; chunked_log_probs turns it into
+        # log-probabilities LOGPROB_CHUNK_TOKENS positions at a time, so the [batch, seq, vocab]
+        # logits (torchtune's way: 32 x 1,024 x 128,256 in fp32 = 16.8 GB at the study's batch)
+        # never exist at once.
+        with self.activations_handling_ctx, final_hidden_state(model):
+            hidden = model(concatenated_input_ids)
 
         # medtune: one log-softmax gives both the summed log probs (DPO) and their per-token
         # mean over the answer (the SFT term), as rlhf.get_batch_log_probs computes them.
         labels = concatenated_labels[:, 1:].clone()
         loss_mask = labels != CROSS_ENTROPY_IGNORE_IDX
         labels[~loss_mask] = 0
-        per_token_log_probs = rlhf.logits_to_logprobs(
-            all_logits[:, :-1, :], labels, temperature=1.0
-        )
+        per_token_log_probs, logit_means = chunked_log_probs(model, hidden, labels)
         all_log_probs = (per_token_log_probs * loss_mask).sum(-1)
         all_mean_log_probs = all_log_probs / loss_mask.sum(-1).clamp(min=1)
 
         chosen_log_probs = all_log_probs[:len_chosen]
         rejected_log_probs = all_log_probs[len_chosen:]
 
-        chosen_logits = all_logits[:len_chosen]
-        rejected_logits = all_logits[len_chosen:]
-
+        # medtune: the mean logits (metrics only) instead of the logits themselves
         return (
             chosen_log_probs,
             rejected_log_probs,
-            chosen_logits,
-            rejected_logits,
+            logit_means[:len_chosen].mean(),
+            logit_means[len_chosen:].mean(),
             all_mean_log_probs[:len_chosen],
         )
 
@@ -617,16 +668,10 @@ class KnowTuningDPORecipeSingleDevice(FTRecipeInterface):
                 (
                     policy_chosen_log_probs,
                     policy_rejected_log_probs,
-                    policy_chosen_logits,
-                    policy_rejected_logits,
+                    policy_chosen_logits_mean,
+                    policy_rejected_logits_mean,
                     policy_chosen_mean_log_probs,
                 ) = self.concatenated_forward(self._model, batch)
-
-                policy_chosen_logits_mean = policy_chosen_logits.detach().mean()
-                policy_rejected_logits_mean = policy_rejected_logits.detach().mean()
-
-                # deleting logits here helps reduce (peak) memory usage - we only need them for metric logging
-                del policy_chosen_logits, policy_rejected_logits
 
                 with torch.no_grad(), disable_adapter(self._model):
                     (
