@@ -1,9 +1,10 @@
 """manifest.json: how every step of a study was made, enough to reproduce or audit it.
 
-Per step: the exact command, the resolved config torchtune wrote (training), its seed, the wall
-time, throughput (mean tokens/s from the metric log), peak resident memory, and the checkpoint;
-for the whole study: package versions and the git commit. Values that look like secrets (Hub
-tokens) never reach it: only the config torchtune resolved and the command are recorded.
+Per step: the exact command, the resolved config torchtune wrote (training), its seed, its
+processes (``nproc_per_node`` x ``nnodes``, when it asked for several), the wall time, throughput
+(mean tokens/s from the metric log), peak resident memory, and the checkpoint; for the whole
+study: package versions and the git commit. Values that look like secrets (Hub tokens) never
+reach it: only the config torchtune resolved and the command are recorded.
 """
 
 import json
@@ -70,6 +71,11 @@ def step_record(runner: StudyRunner, outcome: Outcome) -> Dict[str, Any]:
     if outcome.message:
         record["message"] = outcome.message
     if step.kind == "train":
+        run = runner.spec.runs[step.run]
+        if run.nproc_per_node:  # how many processes trained it (also in the command)
+            record["processes"] = {
+                "nproc_per_node": run.nproc_per_node, "nnodes": run.nnodes, "rdzv_endpoint": run.rdzv_endpoint,
+            }
         resolved = step.output_dir / "torchtune_config.yaml"
         if resolved.is_file():
             config = yaml.safe_load(_redact(resolved.read_text()))

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from omegaconf import OmegaConf
 
 from components.checkpointing import epoch_dir, latest_epoch_dir, resumable_checkpoints
-from components.study.spec import BASELINE, StudySpec
+from components.study.spec import BASELINE, RunSpec, StudySpec
 
 MARKER = "medtune_step.json"
 LOG = "medtune_step.log"
@@ -93,6 +93,21 @@ def builtin_config(name: str) -> Path:
     raise ValueError(f"config {name}: no such file, and not one of torchtune's own configs")
 
 
+def launcher_options(run: RunSpec) -> List[str]:
+    """torchrun's options of a training (as `tune run` takes them): none for one process; the
+    rendezvous for several machines (c10d at the first machine's HOST:PORT; every machine runs
+    the same command)."""
+    if not run.nproc_per_node:
+        return []
+    options = []
+    if run.nnodes > 1:
+        options += ["--nnodes", str(run.nnodes)]
+    options += ["--nproc_per_node", str(run.nproc_per_node)]
+    if run.rdzv_endpoint:
+        options += ["--rdzv_backend", "c10d", "--rdzv_endpoint", run.rdzv_endpoint]
+    return options
+
+
 def cli_value(value: Any) -> str:
     """A YAML value as torchtune's `key=value` override syntax takes it."""
     if isinstance(value, bool):
@@ -107,8 +122,11 @@ def cli_value(value: Any) -> str:
 class StudyRunner:
     """Plans and runs the steps of a study under one output folder."""
 
-    def __init__(self, spec: StudySpec, output_dir: Optional[str] = None, only: Optional[List[str]] = None):
+    def __init__(self, spec: StudySpec, output_dir: Optional[str] = None, only: Optional[List[str]] = None,
+                 max_steps: Optional[int] = None):
         self.spec = spec
+        # every training stops after this many optimizer steps of one epoch (a check of the study)
+        self.max_steps = max_steps
         self.root = Path(output_dir or spec.output_dir).resolve()
         self.repo = Path.cwd()
         self.only = set(only or [])
@@ -116,6 +134,9 @@ class StudyRunner:
         if unknown:
             raise ValueError(f"--only: no run named {', '.join(sorted(unknown))} in {spec.path}")
         self.steps = self._plan()
+        for step in self.steps:  # a run that asks for processes its recipe cannot use: refused now
+            if step.kind == "train" and not self.spec.runs[step.run].command:
+                self.recipe_of(step.run)
 
     # ---- planning -------------------------------------------------------------------------
     def run_dir(self, run: str) -> Path:
@@ -183,11 +204,16 @@ class StudyRunner:
             raise ValueError(f"{self.spec.path}: runs.{run}: cannot read epochs from {spec.config}: {error}") from None
         if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
             raise ValueError(f"{self.spec.path}: runs.{run}: {spec.config} sets epochs: {epochs!r}, not a whole number >= 1")
-        return epochs
+        return 1 if self.max_steps else epochs
 
     def _baseline_checkpoint(self, dry_run: bool) -> str:
-        """`tiny` names the embedded model's checkpoint (built on first use, not by a dry run)."""
+        """`tiny` names the embedded model's checkpoint, `smollm2` the offline SmolLM2-135M-Instruct
+        (components/models/smollm2_checkpoint.py); each built on first use, not by a dry run."""
         where = self.spec.baseline["checkpoint"]
+        if where == "smollm2":
+            from components.models.smollm2_checkpoint import smollm2_checkpoint_dir, smollm2_checkpoint_path
+
+            return str(smollm2_checkpoint_path()) if dry_run else smollm2_checkpoint_dir()
         if where != "tiny":
             return where
         from components.models.tiny import tiny_checkpoint_dir, tiny_checkpoint_path
@@ -205,6 +231,22 @@ class StudyRunner:
 
         return _PLACEHOLDER.sub(replace, text)
 
+    def recipe_of(self, run: str) -> str:
+        """The recipe a training launches: its own, or with ``nproc_per_node`` its distributed
+        counterpart (``x_single_device.py`` -> ``x_distributed.py``, same config); a run whose
+        recipe has none is refused, naming the file that would be needed."""
+        spec = self.spec.runs[run]
+        if not spec.nproc_per_node:
+            return spec.recipe
+        wanted = re.sub(r"_single_device(\.py)?$", r"_distributed\1", spec.recipe)
+        if re.search(r"_distributed(\.py)?$", wanted) and (self.repo / wanted).is_file():
+            return wanted
+        missing = f" ({wanted} does not exist)" if wanted != spec.recipe else ""
+        raise ValueError(
+            f"{self.spec.path}: runs.{run}: nproc_per_node: {spec.nproc_per_node} needs a distributed recipe "
+            f"and {spec.recipe} has none{missing}; drop nproc_per_node to run it on one device"
+        )
+
     def command(self, step: Step, dry_run: bool = False) -> List[str]:
         """The exact command line of a step, with `{output:RUN}`/`{checkpoint:RUN}` resolved."""
         if step.kind == "train":
@@ -212,12 +254,11 @@ class StudyRunner:
             if run.command:
                 here = str(step.output_dir)
                 return [self.resolve(part, dry_run).replace("{output_dir}", here) for part in run.command]
-            command = ["tune", "run"]
-            if run.nproc_per_node:
-                command += ["--nproc_per_node", str(run.nproc_per_node)]
-            command += [run.recipe, "--config", run.config]
+            command = ["tune", "run", *launcher_options(run), self.recipe_of(step.run), "--config", run.config]
             for key, value in run.overrides.items():
                 command.append(f"{key}={self.resolve(cli_value(value), dry_run)}")
+            if self.max_steps:
+                command += [f"max_steps_per_epoch={self.max_steps}", "epochs=1"]
             return command + [f"output_dir={step.output_dir}"]
         evaluation = self.spec.evaluations[step.evaluation]
         return [
@@ -232,7 +273,7 @@ class StudyRunner:
         parts: List[str] = [json.dumps(command), json.dumps(self.spec.env, sort_keys=True)]
         if step.kind == "train":
             run = self.spec.runs[step.run]
-            for local in filter(None, (run.config, run.recipe)):
+            for local in filter(None, (run.config, self.recipe_of(step.run))):
                 path = self.repo / local
                 parts.append(path.read_text() if path.is_file() else local)
         parts += [keys.get(n, "") for n in step.needs]

@@ -3,9 +3,9 @@
 A study YAML has a `name`, an `output_dir`, `env` (variables every step runs with, e.g. where
 the evaluation data lives), a `baseline` (the untrained model's checkpoint
 directory, evaluated like any run), `runs` (each a `tune run` recipe + config + overrides, with
-`depends_on` for chained stages; or a `command`
-that prepares data) and `evaluations` (tasks, and the runs they apply to). Every
-mistake (an unknown key, a run that does not exist, a dependency cycle) is reported before any
+`depends_on` for chained stages and `nproc_per_node` / `nnodes` / `rdzv_endpoint` for several
+processes or machines; or a `command` that prepares data) and `evaluations` (tasks, and the runs
+they apply to). Every mistake (an unknown key, a run that does not exist, a dependency cycle) is reported before any
 work starts, naming the file, the entry and, for a misspelled key, the closest valid one.
 """
 
@@ -18,7 +18,7 @@ import yaml
 
 BASELINE = "baseline"
 TOP_KEYS = {"name", "description", "output_dir", "env", "baseline", "runs", "evaluations", "published"}
-RUN_KEYS = {"label", "recipe", "config", "command", "overrides", "depends_on", "nproc_per_node"}
+RUN_KEYS = {"label", "recipe", "config", "command", "overrides", "depends_on", "nproc_per_node", "nnodes", "rdzv_endpoint"}
 EVAL_KEYS = {"label", "tasks", "runs", "table", "options"}
 TABLES = ("usmle", "medquad", "other")
 
@@ -40,6 +40,8 @@ class RunSpec:
     overrides: Dict[str, Any] = field(default_factory=dict)
     depends_on: List[str] = field(default_factory=list)
     nproc_per_node: Optional[int] = None
+    nnodes: int = 1
+    rdzv_endpoint: Optional[str] = None
 
 
 @dataclass
@@ -122,6 +124,37 @@ def _names(value: Any, where: str) -> List[str]:
     return list(value)
 
 
+def _whole(value: Any, key: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise StudyError(f"{where}.{key}: {value!r} is not a whole number >= 1")
+    return value
+
+
+def _processes(entry: Mapping[str, Any], is_command: bool, where: str) -> Dict[str, Any]:
+    """A training's processes: `nproc_per_node` per machine on `nnodes` machines that meet at
+    `rdzv_endpoint` (torchrun's c10d rendezvous, HOST:PORT of the first machine)."""
+    given = [k for k in ("nproc_per_node", "nnodes", "rdzv_endpoint") if entry.get(k) is not None]
+    if not given:
+        return {}
+    if is_command:
+        raise StudyError(f"{where}: {given[0]} is for trainings (recipe + config), not a command")
+    if "nproc_per_node" not in given:
+        raise StudyError(f"{where}: {given[0]} needs nproc_per_node (processes on each machine)")
+    nproc = _whole(entry["nproc_per_node"], "nproc_per_node", where)
+    nnodes = _whole(entry.get("nnodes", 1), "nnodes", where)
+    endpoint = entry.get("rdzv_endpoint")
+    if (nnodes > 1) != (endpoint is not None):
+        raise StudyError(
+            f"{where}: nnodes: {nnodes} and rdzv_endpoint go together: several machines meet at "
+            "rdzv_endpoint: HOST:PORT (the first machine's), one machine needs neither"
+        )
+    if endpoint is not None:
+        host, _, port = str(endpoint).rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise StudyError(f"{where}.rdzv_endpoint: {endpoint!r} is not HOST:PORT (e.g. node0.example.org:29400)")
+    return {"nproc_per_node": nproc, "nnodes": nnodes, "rdzv_endpoint": None if endpoint is None else str(endpoint)}
+
+
 def load_study(path: str) -> StudySpec:
     """Read and check a study file; raise StudyError naming what is wrong and where."""
     file = Path(path)
@@ -158,7 +191,7 @@ def load_study(path: str) -> StudySpec:
             command=command,
             overrides=dict(_mapping(entry.get("overrides"), f"{where}.overrides")),
             depends_on=_names(entry.get("depends_on"), f"{where}.depends_on"),
-            nproc_per_node=entry.get("nproc_per_node"),
+            **_processes(entry, bool(command), where),
         )
     for run in runs.values():
         for dep in run.depends_on:
