@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from components.metric_logs import latest_log, step_losses
 from components.study.cli import study
@@ -178,3 +179,30 @@ def test_two_machines_meet_at_the_rendezvous(tmp_path):
     (step,) = json.loads((tmp_path / "out" / "manifest.json").read_text())["steps"]
     assert step["status"] == "done" and step["processes"]["nnodes"] == 2
     assert sorted(step_losses(latest_log(tmp_path / "out" / "runs" / "lora"))) == [1, 2]
+
+
+def test_papers_commented_multi_gpu_variant_dry_runs(tmp_path, at_repo_root, capsys):
+    """configs/studies/paper.yaml's commented variant, put in place of its runs, is a valid study
+    whose trainings launch the distributed recipes on 8 GPUs with the study's global batch."""
+    paper = REPO_ROOT / "configs" / "studies" / "paper.yaml"
+    text = paper.read_text()
+    block = text[text.index("# multi-GPU variant (begin)\n") : text.index("# multi-GPU variant (end)")]
+    variant = yaml.safe_load("\n".join(line[1:] for line in block.splitlines()[1:]))
+    study_file = yaml.safe_load(text)
+    assert set(variant) <= set(study_file["runs"])
+    study_file["runs"].update(variant)
+    path = tmp_path / "paper_multi_gpu.yaml"
+    path.write_text(yaml.safe_dump(study_file, sort_keys=False))
+    assert study(str(path), dry_run=True, output_dir=str(tmp_path)) == 0
+    lines = {line.split("output_dir=")[-1]: line for line in capsys.readouterr().out.splitlines() if "tune run" in line}
+    runs = tmp_path / "runs"
+    assert lines[f"{runs}/full_sft"] == (
+        "tune run --nproc_per_node 8 recipes/full_finetune_distributed.py --config configs/llama3_2_3B/full_sft.yaml "
+        f"batch_size=3 gradient_accumulation_steps=1 output_dir={runs}/full_sft"
+    )
+    assert lines[f"{runs}/qlora"].startswith("tune run --nproc_per_node 8 recipes/lora_finetune_distributed.py --config configs/llama3_2_3B/qlora.yaml")
+    assert lines[f"{runs}/knowtuning_ka"].startswith(
+        "tune run --nproc_per_node 8 recipes/lora_finetune_distributed.py --config configs/llama3_2_3B/knowtuning_ka.yaml "
+        f"dataset.data_files={runs}/knowtuning_data_ka/ka.jsonl gradient_accumulation_steps=1"
+    )
+    assert lines[f"{runs}/galore"].startswith("tune run recipes/galore_finetune_single_device.py")
