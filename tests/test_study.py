@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from components.cli import main as medtune
 from components.study.report import Cell, paired_difference, render_markdown
 from components.study.runner import StudyRunner
 from components.study.spec import StudyError, load_study
@@ -64,7 +65,7 @@ def test_the_shipped_study_files_load_and_dry_run(tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert lines[0] == f"tune run recipes/full_finetune_single_device.py --config configs/tiny/full_sft.yaml output_dir={tmp_path}/runs/full_sft"
     # stage 2 of KnowTuning starts from stage 1's folder
-    assert any(f"stage1_dir={tmp_path}/runs/knowtuning_ka" in line for line in lines)
+    assert any(f"checkpointer.checkpoint_dir={tmp_path}/runs/knowtuning_ka/epoch_2" in line for line in lines)
     # every evaluation names the very checkpoint folder it will read: the config's last epoch
     assert not [line for line in lines if "<" in line or ">" in line], "placeholders in a dry run"
     assert f"medtune eval {tmp_path}/runs/full_sft/epoch_0 --tasks usmle_step1," in proc.stdout
@@ -72,6 +73,34 @@ def test_the_shipped_study_files_load_and_dry_run(tmp_path):
     assert not (tmp_path / "runs").exists(), "a dry run must not run anything"
     paper = run_cli("medtune", ["study", "configs/studies/paper.yaml", "--dry-run", "--output-dir", str(tmp_path)]).stdout
     assert f"medtune eval {tmp_path}/runs/galore/epoch_0 --tasks usmle_step1_gen," in paper and "<" not in paper
+
+
+def test_max_steps_stops_every_training_after_n_steps_of_one_epoch(tmp_path, capsys):
+    """`--max-steps N` (a check of a study): each `tune run` gets max_steps_per_epoch=N epochs=1,
+    so every later stage and evaluation reads epoch_0, KnowTuning's stage 2 included."""
+    lines = StudyRunner(load_study("configs/studies/quickstart.yaml"), str(tmp_path), max_steps=1).dry_run()
+    trainings = [line for line in lines if line.startswith("tune run")]
+    assert len(trainings) == 6
+    assert all(line.endswith(f"max_steps_per_epoch=1 epochs=1 output_dir={tmp_path}/runs/{line.split('/')[-1]}")
+               for line in trainings)
+    assert any(f"checkpointer.checkpoint_dir={tmp_path}/runs/knowtuning_ka/epoch_0 " in line for line in trainings)
+    assert f"medtune eval {tmp_path}/runs/knowtuning/epoch_0 --tasks medquad" in lines[-1]
+    with pytest.raises(SystemExit) as refused:
+        medtune(["study", "configs/studies/quickstart.yaml", "--max-steps", "0", "--dry-run"])
+    assert refused.value.code == 2 and "--max-steps: invalid positive value: '0'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quickstart_study_with_max_steps_runs_one_step_of_each_method(tmp_path):
+    """The quickstart for real with `--max-steps 1`: every training logs exactly one step, every
+    evaluation ran (the plumbing medtune study --max-steps gives a 3B check, benchmarks/shape_check.py)."""
+    run_cli("medtune", ["study", "configs/studies/quickstart.yaml", "--max-steps", "1", "--output-dir", str(tmp_path)],
+            timeout=1800)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert {step["status"] for step in manifest["steps"]} == {"done"}
+    for step in manifest["steps"]:
+        if step["step"].startswith("train/") and step.get("config"):
+            assert step["config"]["max_steps_per_epoch"] == 1 and step["checkpoint"].endswith("epoch_0"), step["step"]
 
 
 def test_dry_run_names_the_last_epoch_after_overrides(tmp_path):

@@ -1,9 +1,9 @@
-"""`medtune study FILE [--output-dir DIR] [--only RUN ...] [--dry-run]`."""
+"""`medtune study FILE [--output-dir DIR] [--only RUN ...] [--max-steps N] [--dry-run]`."""
 
 import sys
 
 
-def study(path: str, output_dir: str = None, only=None, dry_run: bool = False) -> int:
+def study(path: str, output_dir: str = None, only=None, dry_run: bool = False, max_steps: int = None) -> int:
     """Run (or with `dry_run`, list) every step of a study, then write its report."""
     # here, not at the top: the runner and plots import torch and matplotlib (medtune --help stays fast)
     from components.study.manifest import write_manifest
@@ -14,7 +14,7 @@ def study(path: str, output_dir: str = None, only=None, dry_run: bool = False) -
 
     try:
         spec = load_study(path)
-        runner = StudyRunner(spec, output_dir, only)
+        runner = StudyRunner(spec, output_dir, only, max_steps)
     except (StudyError, ValueError) as error:
         print(f"medtune study: {error}", file=sys.stderr)
         return 2
@@ -57,5 +57,15 @@ def add_study_command(subparsers) -> None:
     parser.add_argument("file", help="the study file, e.g. configs/studies/quickstart.yaml")
     parser.add_argument("--output-dir", help="where everything goes (default: the file's output_dir)")
     parser.add_argument("--only", nargs="+", metavar="RUN", help="run only these runs (and what they need)")
+    parser.add_argument("--max-steps", type=positive, metavar="N",
+                        help="a check of the study: every training stops after N optimizer steps of one epoch")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    parser.set_defaults(func=lambda a: study(a.file, a.output_dir, a.only, a.dry_run))
+    parser.set_defaults(func=lambda a: study(a.file, a.output_dir, a.only, a.dry_run, a.max_steps))
+
+
+def positive(text: str) -> int:
+    """A whole number >= 1, for argparse (which turns the ValueError into one usage line)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
