@@ -21,7 +21,7 @@ from components.metric_logs import latest_log, step_losses
 from components.optim import LayerwiseOptimizer, apollo_adamw
 from components.optim.apollo import APOLLO_TARGETS, projection_seed
 from tests.helpers import REPO_ROOT, header_command, run_cli
-from tests.test_galore_optim import batches, loss_of, make_model, train
+from tests.test_galore_optim import batches, make_model, train
 
 RANK, GAP, STEPS = 4, 2, 5  # new projections at steps 0, 2, 4
 ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
@@ -224,7 +224,8 @@ def test_tiny_config_loss_falls_and_checkpoints_hold_apollo_state(tiny_run):
     assert values[:3] == pytest.approx(PINNED_FIRST_LOSSES, abs=1e-4), values[:3]
     optimizer = torch.load(tiny_run / "step_4" / "recipe_state.pt", weights_only=True)["optimizer"]
     plain, projected = optimizer["param_groups"]
-    assert "rank" not in plain and (projected["rank"], projected["scale_type"], projected["proj"]) == (16, "channel", "random")
+    assert "rank" not in plain
+    assert (projected["rank"], projected["scale_type"], projected["proj"]) == (16, "channel", "random")
     projectors = [optimizer["state"][i]["projector"] for i in projected["params"]]
     assert len(projectors) == 4 * 7 and len({p["seed"] for p in projectors}) == 4 * 7
 

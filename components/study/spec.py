@@ -18,7 +18,9 @@ import yaml
 
 BASELINE = "baseline"
 TOP_KEYS = {"name", "description", "output_dir", "env", "baseline", "runs", "evaluations", "published"}
-RUN_KEYS = {"label", "recipe", "config", "command", "overrides", "depends_on", "nproc_per_node", "nnodes", "rdzv_endpoint"}
+RUN_KEYS = {
+    "label", "recipe", "config", "command", "overrides", "depends_on", "nproc_per_node", "nnodes", "rdzv_endpoint",
+}
 EVAL_KEYS = {"label", "tasks", "runs", "table", "options"}
 TABLES = ("usmle", "medquad", "other")
 
