@@ -506,13 +506,15 @@ def _localise(part: str, local: Dict[str, str]) -> str:
     return part
 
 
-def run_study(path: Path, work: Path, max_steps: int, cap_gib: float, timeout: float) -> Dict[str, Any]:
+def run_study(path: Path, work: Path, max_steps: int, cap_gib: float, timeout: float,
+              only: Sequence[str] = ()) -> Dict[str, Any]:
     """`medtune study PATH --max-steps N`, each step killed past `cap_gib` (the study goes on);
     returns the steps as its manifest records them (status, seconds, peak RSS) and the whole
     run's peak RSS and wall time."""
     medtune = str(Path(sys.executable).parent / "medtune")
     out = work / "study"
-    done = watched_run([medtune, "study", str(path), "--max-steps", str(max_steps), "--output-dir", str(out)],
+    argv = [medtune, "study", str(path), "--max-steps", str(max_steps), "--output-dir", str(out)]
+    done = watched_run(argv + (["--only", *only] if only else []),
                        work / "study.log", cap_gib, timeout, lambda chunk: sys.stdout.write(chunk.decode(errors="replace")),
                        per_step=True)
     manifest = out / "manifest.json"
@@ -554,6 +556,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     st.add_argument("--eval-limit", type=int, default=2, help="documents per evaluation task")
     st.add_argument("--cap-gib", type=float, default=15.0, help="kill a step whose process tree passes this")
     st.add_argument("--timeout", type=float, default=4 * 3600)
+    st.add_argument("--only", nargs="+", default=[], metavar="RUN", help="these runs (and what they need) only")
     st.add_argument("--dry-run", action="store_true", help="write the study file and print its commands")
     st.add_argument("--out", type=Path, default=None, help="append the result as one JSON line")
     args = parser.parse_args(argv)
@@ -564,7 +567,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             medtune = str(Path(sys.executable).parent / "medtune")
             return subprocess.run([medtune, "study", str(path), "--max-steps", str(args.steps), "--dry-run"],
                                   cwd=REPO).returncode
-        result = run_study(path, args.work, args.steps, args.cap_gib, args.timeout)
+        result = run_study(path, args.work, args.steps, args.cap_gib, args.timeout, args.only)
         line = json.dumps(result)
         print(line, flush=True)
         if args.out:
