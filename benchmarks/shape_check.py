@@ -180,8 +180,27 @@ def build(shape: str, out: Path, seed: int = 0) -> Path:
     (out / "config.json").write_text(json.dumps(hf_config(shape), indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
     build_tokenizer_model(out / "original" / "tokenizer.model")
+    write_hf_tokenizer(out)
     done.write_text(f"{shape} {seed}")
     return out
+
+
+def write_hf_tokenizer(out: Path) -> None:
+    """tokenizer.json + tokenizer_config.json as the Hub has them beside the weights (what
+    transformers, hence `medtune eval` and `lm_eval --model hf`, reads): the same BPE converted
+    from original/tokenizer.model, the 256 special tokens at 128,000+, BOS prepended."""
+    from tokenizers.processors import TemplateProcessing
+    from torchtune.models.llama3._tokenizer import LLAMA3_SPECIAL_TOKENS
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    specials = sorted(LLAMA3_SPECIAL_TOKENS, key=LLAMA3_SPECIAL_TOKENS.get)
+    backend = TikTokenConverter(vocab_file=str(out / "original" / "tokenizer.model"),
+                                extra_special_tokens=specials).converted()
+    backend.post_processor = TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+                                                special_tokens=[("<|begin_of_text|>", 128000)])
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>",
+                            eos_token="<|end_of_text|>", model_max_length=131072).save_pretrained(out)
 
 
 # ---------------------------------------------------------------- running the configs

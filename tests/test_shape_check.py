@@ -42,7 +42,8 @@ def test_built_checkpoint_loads_in_transformers_and_torchtune(tmp_path):
 
     out = shape_check.build("tiny", tmp_path / "model")
     files = sorted(p.name for p in out.iterdir())
-    assert files == [".complete", "config.json", "generation_config.json", "model.safetensors", "original"]
+    assert files == [".complete", "config.json", "generation_config.json", "model.safetensors", "original",
+                     "tokenizer.json", "tokenizer_config.json"]
     assert hashlib.sha256((out / "original" / "tokenizer.model").read_bytes()).hexdigest() == TOKENIZER_MODEL_SHA256
     model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -55,6 +56,15 @@ def test_built_checkpoint_loads_in_transformers_and_torchtune(tmp_path):
     assert state["tok_embeddings.weight"].shape == (128_256, 256)
     assert torch.equal(state["norm.scale"], torch.ones(256, dtype=torch.bfloat16))
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 128001
+    # transformers' tokenizer beside the weights (medtune eval, lm_eval --model hf) = torchtune's
+    from torchtune.models.llama3 import llama3_tokenizer
+    from transformers import AutoTokenizer
+
+    text = (REPO_ROOT / "README.md").read_text()[:5000]
+    hf = AutoTokenizer.from_pretrained(out)
+    assert hf("Hello world").input_ids == [128000, 9906, 1917] and len(hf) == 128_256
+    assert hf.convert_tokens_to_ids(["<|eot_id|>", "<|end_of_text|>"]) == [128009, 128001]
+    assert hf(text).input_ids == llama3_tokenizer(str(out / "original" / "tokenizer.model")).encode(text, add_eos=False)
 
 
 def test_eval_config_runs_on_two_questions(tmp_path):
