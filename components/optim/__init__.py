@@ -1,7 +1,8 @@
-"""Optimizer builders: GaLore (galore-torch) and APOLLO (apollo-torch) over named parameters, and
-layer-wise stepping."""
+"""Optimizer builders: GaLore (galore-torch) and APOLLO (apollo-torch, the ``[apollo]`` extra) over
+named parameters, and layer-wise stepping."""
 
-from components.optim.apollo import APOLLOAdamW, apollo_adamw
+from typing import Any
+
 from components.optim.galore import (
     GALORE_TARGETS,
     GaLoreAdafactor,
@@ -31,3 +32,12 @@ __all__ = [
     "projector_to_dict",
     "split_galore_params",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """APOLLO's names import apollo-torch (an extra) only when a config or caller asks for them."""
+    if name in ("APOLLOAdamW", "apollo_adamw"):
+        from components.optim import apollo
+
+        return getattr(apollo, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""APOLLO optimizer builders for torchtune configs, on top of apollo-torch 1.0.3 (MLSys 2025).
+"""APOLLO optimizer builders for torchtune configs, on top of apollo-torch 1.0.3 (MLSys 2025), the
+``[apollo]`` extra.
 
 APOLLO (Zhu et al., "APOLLO: SGD-like Memory, AdamW-level Performance") keeps AdamW's moments of
 a gradient projected by a *random* matrix (no SVD) onto ``rank`` dimensions, and uses them only to
@@ -40,9 +41,16 @@ from typing import Any, Dict, Sequence
 import torch
 from torch.optim import Optimizer
 
-import apollo_torch.apollo
-from apollo_torch.random_projector import GradientProjector
-from apollo_torch.svd_projector import GaLoreProjector as SVDProjector
+try:
+    import apollo_torch.apollo
+    from apollo_torch.random_projector import GradientProjector
+    from apollo_torch.svd_projector import GaLoreProjector as SVDProjector
+except ModuleNotFoundError as error:  # an extra: apollo-torch's licence is CC-BY-NC 4.0
+    raise ModuleNotFoundError(
+        "APOLLO needs apollo-torch, which is not in the default install because its licence is "
+        "CC-BY-NC 4.0 (non-commercial use only): pip install -e '.[apollo]'",
+        name="apollo_torch",
+    ) from error
 
 from components.optim.galore import GALORE_TARGETS, NamedParams, _build, parameter_seed
 
