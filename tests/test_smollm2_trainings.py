@@ -6,7 +6,7 @@ tokens of the medAlpaca primer (the same in all 285 training records, and traine
 train_on_input) and <|im_end|>, so every step sees the same tokens and the loss of one step compares with the next.
 Default suite: full SFT (with the logit check on its checkpoint) and LoRA, about 20 and 13 s of
 CPU. Behind the slow marker: QLoRA (NF4 quantization: about 35 s with a merged save), GaLore in both
-modes and KnowTuning's two stages.
+modes, KnowTuning's two stages and the eval config on the full-SFT checkpoint.
 """
 
 import json
@@ -129,3 +129,16 @@ def test_knowtuning_stages_train_and_chain(smollm2_env, tmp_path):
     assert len(dpo) == STEPS and dpo[0] == pytest.approx(math.log(2), abs=1e-5), dpo  # policy = reference
     assert dpo[-1] < dpo[0] and steps[-1]["rewards/margins"] > 0, steps
     assert (stage2 / "adapter" / f"epoch_{STEPS - 1}" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_eval_config_scores_the_trained_checkpoint(full_sft, tmp_path):
+    """configs/smollm2_135m/eval.yaml by its header line on the full-SFT run's epoch_0: both
+    USMLE protocols on 3 questions, results.json and the generation samples written."""
+    command = header_command(CONFIGS / "eval.yaml")
+    run_cli("tune", command[1:] + [f"output_dir={tmp_path}", f"checkpointer.checkpoint_dir={full_sft[0] / 'epoch_0'}",
+                                   "tasks=[usmle_step1,usmle_step1_gen]", "limit=3"], timeout=1200)
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert {"usmle_step1", "usmle_step1_gen"} <= set(results)
+    assert 0 <= results["usmle_step1"]["acc,none"] <= 1
+    assert len((tmp_path / "samples" / "usmle_step1_gen.jsonl").read_text().splitlines()) == 3
