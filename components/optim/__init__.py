@@ -41,3 +41,8 @@ def __getattr__(name: str) -> Any:
 
         return getattr(apollo, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The lazy APOLLO names too, so a misspelled ``_component_`` gets its closest-name hint."""
+    return sorted(set(globals()) | set(__all__))
