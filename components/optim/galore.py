@@ -38,12 +38,14 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 import galore_torch
 from galore_torch.galore_projector import GaLoreProjector
 
 from components.optim.layerwise import LayerwiseOptimizer
+from components.optim.sharded_projection import ShardedProjection, refresh_projections
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +158,15 @@ class RandomizedGaLoreProjector(GaLoreProjector):
         return {"right": B, "left": A, "full": [A, B]}[type]
 
 
+class ShardedGaLoreProjector(ShardedProjection, GaLoreProjector):
+    """galore-torch's projector over FSDP2 row shards (see components.optim.sharded_projection)."""
+
+
+class ShardedRandomizedGaLoreProjector(ShardedProjection, RandomizedGaLoreProjector):
+    """:class:`RandomizedGaLoreProjector` over FSDP2 row shards: the same seeded sketch of the
+    whole gradient, on the rank that owns its update."""
+
+
 def projector_to_dict(projector: GaLoreProjector) -> Dict[str, Any]:
     """A ``GaLoreProjector`` as a dict of plain values and its projection matrix (or matrices)."""
     data = {
@@ -177,9 +188,12 @@ def projector_to_dict(projector: GaLoreProjector) -> Dict[str, Any]:
     return data
 
 
-def projector_from_dict(data: Dict[str, Any], device: Optional[torch.device] = None) -> GaLoreProjector:
+def projector_from_dict(
+    data: Dict[str, Any], device: Optional[torch.device] = None, sharded: bool = False
+) -> GaLoreProjector:
     """The inverse of :func:`projector_to_dict`; the matrix keeps its saved dtype. A dict without
-    ``svd`` (saved before medtune had the option) is galore-torch's full-SVD projector."""
+    ``svd`` (saved before medtune had the option) is galore-torch's full-SVD projector.
+    ``sharded``: the projector of an FSDP2-sharded weight (the same dict either way)."""
     svd = data.get("svd", "full")
     settings = dict(
         verbose=data.get("verbose", False),
@@ -188,9 +202,9 @@ def projector_from_dict(data: Dict[str, Any], device: Optional[torch.device] = N
         proj_type=data["proj_type"],
     )
     if svd == "full":
-        projector = GaLoreProjector(data["rank"], **settings)
+        projector = (ShardedGaLoreProjector if sharded else GaLoreProjector)(data["rank"], **settings)
     elif svd == "randomized":
-        projector = RandomizedGaLoreProjector(
+        projector = (ShardedRandomizedGaLoreProjector if sharded else RandomizedGaLoreProjector)(
             data["rank"], oversample=data["svd_oversample"], power_iters=data["svd_power_iters"],
             seed=data["svd_seed"], **settings,
         )
@@ -217,23 +231,40 @@ class _SerializableProjectors:
     has none yet; ``step()`` here first puts a :class:`RandomizedGaLoreProjector` there for every
     parameter (with a gradient) of a ``svd="randomized"`` group, then runs galore-torch's step
     unchanged. A group without an ``svd`` key (built or saved before the option) is ``full``.
+
+    Under FSDP2 (DTensor parameters) every GaLore parameter gets the sharded projector of its
+    ``svd`` mode, and the projection updates due at this step are computed before galore-torch's
+    step, shared among the ranks (:func:`refresh_projections`); ``last_refresh_seconds`` is what
+    that took (0.0 at steps without an update).
     """
 
+    last_refresh_seconds = 0.0
+
     def step(self, closure=None):
-        self._add_randomized_projectors()
+        self._add_projectors()
+        self.last_refresh_seconds = refresh_projections(self._due_sharded_projections())
         return super().step(closure)
 
-    def _add_randomized_projectors(self) -> None:
+    def _add_projectors(self) -> None:
         position = 0
         for group in self.param_groups:
             params = group["params"]
             randomized = "rank" in group and group.get("svd", "full") == "randomized"
-            if randomized:
+            if "rank" in group:
                 names = group.get("param_names") or [None] * len(params)
                 for index, (param, name) in enumerate(zip(params, names)):
                     if param.grad is None or "projector" in self.state.get(param, {}):
                         continue
-                    self.state[param]["projector"] = RandomizedGaLoreProjector(
+                    sharded = isinstance(param, DTensor)
+                    if not randomized:
+                        if sharded:  # else galore-torch makes its own in step()
+                            self.state[param]["projector"] = ShardedGaLoreProjector(
+                                group["rank"], update_proj_gap=group["update_proj_gap"],
+                                scale=group["scale"], proj_type=group["proj_type"],
+                            )
+                        continue
+                    cls = ShardedRandomizedGaLoreProjector if sharded else RandomizedGaLoreProjector
+                    self.state[param]["projector"] = cls(
                         group["rank"],
                         update_proj_gap=group["update_proj_gap"],
                         scale=group["scale"],
@@ -244,6 +275,18 @@ class _SerializableProjectors:
                         seed=parameter_seed(name if name is not None else f"#{position + index}"),
                     )
             position += len(params)
+
+    def _due_sharded_projections(self) -> List[Tuple[ShardedProjection, DTensor]]:
+        """(projector, gradient) of every sharded GaLore parameter whose projection updates in
+        this step, in parameter order (the same on every rank)."""
+        due = []
+        for group in self.param_groups:
+            for param in group["params"] if "rank" in group else ():
+                projector = self.state.get(param, {}).get("projector")
+                if isinstance(projector, ShardedProjection) and param.grad is not None:
+                    if projector.due(self.state[param].get("step", 0)):
+                        due.append((projector, param.grad))
+        return due
 
     def state_dict(self) -> Dict[str, Any]:
         state_dict = super().state_dict()
@@ -271,7 +314,11 @@ class _SerializableProjectors:
         by_id = dict(zip(saved_ids, params))
         for key, data in projectors.items():
             param = by_id[key]
-            projector = data if isinstance(data, GaLoreProjector) else projector_from_dict(data, param.device)
+            projector = (
+                data
+                if isinstance(data, GaLoreProjector)
+                else projector_from_dict(data, param.device, sharded=isinstance(param, DTensor))
+            )
             self.state[param]["projector"] = projector
         # torch takes the group settings from the saved state (as for lr, rank, ...)
         for group, wanted in zip(self.param_groups, asked):
@@ -445,6 +492,14 @@ def _check_cuda(named_params: List[Tuple[str, nn.Parameter]], what: str) -> None
         )
 
 
+def _check_unsharded(named_params: List[Tuple[str, nn.Parameter]], what: str, why: str) -> None:
+    if any(isinstance(p, DTensor) for _, p in named_params):
+        raise ValueError(
+            f"{what} does not run under FSDP2 ({why}); use components.optim.galore_adamw in "
+            "recipes/galore_finetune_distributed.py, or this optimizer on one device"
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # Builders (flat arguments, for YAML)
 # --------------------------------------------------------------------------------------------
@@ -526,6 +581,11 @@ def galore_adafactor(
     Hugging Face Trainer sets them for ``galore_adafactor``. Other arguments as
     :func:`galore_adamw`.
     """
+    named = _as_named(params)
+    _check_unsharded(
+        named, "components.optim.galore_adafactor",
+        "its factored second moment averages gradients over rows that FSDP2 splits across ranks",
+    )
     settings = _galore_group(rank, update_proj_gap, scale, proj_type, svd, svd_oversample, svd_power_iters)
     kwargs = dict(
         lr=float(lr), eps=tuple(float(e) for e in eps), clip_threshold=float(clip_threshold),
@@ -533,7 +593,7 @@ def galore_adafactor(
         weight_decay=float(weight_decay), scale_parameter=bool(scale_parameter),
         relative_step=bool(relative_step), warmup_init=bool(warmup_init),
     )
-    return _build(GaLoreAdafactor, params, settings, target_modules, layerwise, kwargs)
+    return _build(GaLoreAdafactor, named, settings, target_modules, layerwise, kwargs)
 
 
 def galore_adamw8bit(
@@ -558,6 +618,7 @@ def galore_adamw8bit(
     inside bitsandbytes at the first step. Other arguments as :func:`galore_adamw`.
     """
     named = _as_named(params)
+    _check_unsharded(named, "components.optim.galore_adamw8bit", "bitsandbytes' 8-bit states take whole tensors")
     _check_cuda(named, "components.optim.galore_adamw8bit")
     settings = _galore_group(rank, update_proj_gap, scale, proj_type, svd, svd_oversample, svd_power_iters)
     kwargs = dict(
