@@ -2,8 +2,8 @@
 
 Every recipe wraps its ``recipe_main`` in :func:`one_line_errors` (outside torchtune's
 ``@config.parse``, which is where a missing ``--config`` file fails): a nonexistent ``--config``,
-a :class:`~components.data.errors.DataError` (file, record, what is wrong) and a missing file end
-the run with that one line on stderr. A relative path that does not exist, seen from outside the
+a :class:`~components.data.errors.DataError` (file, record, what is wrong), a
+:class:`SettingsError` and a missing file end the run with that one line on stderr. A relative path that does not exist, seen from outside the
 repository root, is explained: the shipped configs name sample data by paths relative to that root.
 """
 
@@ -15,6 +15,10 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 #: The repository root: the shipped configs' relative paths (sample data, recipes) start here.
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class SettingsError(ValueError):
+    """Settings a recipe cannot run together; the message names them and what to change."""
 
 
 def relative_path_note(path: Optional[Union[str, Path]]) -> str:
@@ -66,6 +70,8 @@ def one_line_errors(main: Callable[..., Any]) -> Callable[..., Any]:
             return main(*args, **kwargs)
         except DataError as error:
             exit_with(f"{error}{relative_path_note(error.file)}")
+        except SettingsError as error:
+            exit_with(str(error))
         except FileNotFoundError as error:
             exit_with(f"{error.filename}: {error.strerror or 'no such file'}{relative_path_note(error.filename)}")
 

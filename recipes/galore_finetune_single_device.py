@@ -60,7 +60,7 @@ from components.checkpointing import (
 )
 from components.step_checkpoints import StepCheckpointClient
 from components.config_check import exit_on_config_problems
-from components.user_errors import one_line_errors
+from components.user_errors import SettingsError, one_line_errors
 
 
 log = utils.get_logger("DEBUG")
@@ -191,7 +191,7 @@ class GaLoreFinetuneRecipeSingleDevice(FTRecipeInterface):
         # medtune: layer-wise stepping is a property of the optimizer (`optimizer.layerwise`);
         # torchtune's own flag would wrap one torchtune optimizer per parameter instead.
         if cfg.get("optimizer_in_bwd", False):
-            raise ValueError(
+            raise SettingsError(
                 "optimizer_in_bwd=True is torchtune's per-parameter optimizer; this recipe does "
                 "layer-wise stepping through the optimizer builder. Set optimizer_in_bwd=False and "
                 "optimizer.layerwise=True (components.optim.galore_* builders)."
@@ -210,14 +210,14 @@ class GaLoreFinetuneRecipeSingleDevice(FTRecipeInterface):
         # Layer-wise stepping is not compatible with gradient accumulation or gradient clipping
         if self._optimizer_in_bwd:
             if self._clip_grad_norm is not None:
-                raise ValueError(
+                raise SettingsError(
                     f"clip_grad_norm={self._clip_grad_norm} cannot work with optimizer.layerwise=True: "
                     "layer-wise GaLore steps each parameter inside backward as soon as its gradient "
                     "exists, so the norm of the whole gradient is never known before parameters "
                     "have moved. Set clip_grad_norm=null, or optimizer.layerwise=False to clip."
                 )
             if self._gradient_accumulation_steps > 1:
-                raise ValueError(
+                raise SettingsError(
                     f"gradient_accumulation_steps={self._gradient_accumulation_steps} cannot work "
                     "with optimizer.layerwise=True: layer-wise GaLore steps every parameter in "
                     "every backward pass, so each micro-batch would be its own optimizer step. "

@@ -52,7 +52,14 @@ except ModuleNotFoundError as error:  # an extra: apollo-torch's licence is CC-B
         name="apollo_torch",
     ) from error
 
-from components.optim.galore import GALORE_TARGETS, NamedParams, _build, parameter_seed
+from components.optim.galore import (
+    GALORE_TARGETS,
+    NamedParams,
+    _as_named,
+    _build,
+    _check_unsharded,
+    parameter_seed,
+)
 
 # The same modules as GaLore's (torchtune's names for q/k/v/o and the three MLP projections).
 APOLLO_TARGETS = GALORE_TARGETS
@@ -200,9 +207,15 @@ def apollo_adamw(
         layerwise: one optimizer per parameter, stepped in the parameter's post-accumulate-grad
             hook during backward (see :class:`components.optim.LayerwiseOptimizer`).
     """
+    named = _as_named(params)
+    _check_unsharded(
+        named, "components.optim.apollo_adamw",
+        "its channel and tensor scaling factors and norm-growth limiter reduce over rows that FSDP2 "
+        "splits across ranks; not built yet",
+    )
     settings = _apollo_group(rank, update_proj_gap, scale, scale_type, proj, proj_type)
     kwargs = dict(
         lr=float(lr), betas=tuple(float(b) for b in betas), eps=float(eps), weight_decay=float(weight_decay),
         correct_bias=bool(correct_bias), scale_front=bool(scale_front), disable_nl=not norm_growth_limiter,
     )
-    return _build(APOLLOAdamW, params, settings, target_modules, layerwise, kwargs, method="APOLLO")
+    return _build(APOLLOAdamW, named, settings, target_modules, layerwise, kwargs, method="APOLLO")

@@ -46,6 +46,7 @@ from galore_torch.galore_projector import GaLoreProjector
 
 from components.optim.layerwise import LayerwiseOptimizer
 from components.optim.sharded_projection import ShardedProjection, refresh_projections
+from components.user_errors import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -239,10 +240,11 @@ class _SerializableProjectors:
     """
 
     last_refresh_seconds = 0.0
+    owner_offset = 0  # layer-wise: the parameter's position, so the ranks share the SVDs
 
     def step(self, closure=None):
         self._add_projectors()
-        self.last_refresh_seconds = refresh_projections(self._due_sharded_projections())
+        self.last_refresh_seconds = refresh_projections(self._due_sharded_projections(), self.owner_offset)
         return super().step(closure)
 
     def _add_projectors(self) -> None:
@@ -479,6 +481,7 @@ def _build(
         if name in galore_names:
             group.update(galore_settings)
         per_param[name] = optimizer_cls([group], **kwargs)
+        per_param[name].owner_offset = len(per_param) - 1
     return LayerwiseOptimizer(per_param)
 
 
@@ -494,7 +497,7 @@ def _check_cuda(named_params: List[Tuple[str, nn.Parameter]], what: str) -> None
 
 def _check_unsharded(named_params: List[Tuple[str, nn.Parameter]], what: str, why: str) -> None:
     if any(isinstance(p, DTensor) for _, p in named_params):
-        raise ValueError(
+        raise SettingsError(
             f"{what} does not run under FSDP2 ({why}); use components.optim.galore_adamw in "
             "recipes/galore_finetune_distributed.py, or this optimizer on one device"
         )

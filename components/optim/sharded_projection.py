@@ -138,12 +138,13 @@ def _matrix_shapes(side: str, shape: Tuple[int, int], rank: int) -> List[Tuple[i
     return {"right": [(k, n)], "left": [(m, k)], "full": [(m, k), (k, n)]}[side]
 
 
-def refresh_projections(due: Sequence[Tuple[ShardedProjection, DTensor]]) -> float:
+def refresh_projections(due: Sequence[Tuple[ShardedProjection, DTensor]], first_owner: int = 0) -> float:
     """New projection matrices for every ``(projector, gradient)`` in ``due`` (the same list,
     in the same order, on every rank); the seconds it took. Collective.
 
-    The gradient of item i is all-gathered on every rank, the SVD runs on rank ``i % world``
-    only, and its result is broadcast from there once all SVDs are done.
+    The gradient of item i is all-gathered on every rank, the SVD runs on rank
+    ``(first_owner + i) % world`` only, and its result is broadcast from there once all SVDs are
+    done. (Layer-wise, each parameter's own optimizer passes its position as ``first_owner``.)
     """
     if not due:
         return 0.0
@@ -153,13 +154,13 @@ def refresh_projections(due: Sequence[Tuple[ShardedProjection, DTensor]]) -> flo
     owned = {}
     for index, (projector, grad) in enumerate(due):
         whole = grad.full_tensor()
-        if index % world == me:
+        if (first_owner + index) % world == me:
             matrix = projector.get_orthogonal_matrix(whole, projector.rank, projector.side(grad.shape))
             owned[index] = [m.contiguous() for m in (matrix if isinstance(matrix, list) else [matrix])]
         del whole
     for index, (projector, grad) in enumerate(due):
         side = projector.side(grad.shape)
-        source = dist.get_global_rank(group, index % world)
+        source = dist.get_global_rank(group, (first_owner + index) % world)
         local = grad.to_local()
         matrices = owned.pop(index, None) or [
             torch.empty(shape, dtype=local.dtype, device=local.device)

@@ -9,7 +9,7 @@ them back into DTensors on the same mesh. A run resumes with the number of proce
 it.
 """
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
@@ -68,8 +68,12 @@ def local_optimizer_state(optimizer: Optimizer) -> dict:
     return _encode(optimizer.state_dict())
 
 
-def load_local_optimizer_state(optimizer: Optimizer, state: dict, mesh: DeviceMesh) -> None:
-    """Load what :func:`local_optimizer_state` gave on this rank, DTensors rebuilt on ``mesh``."""
+def load_local_optimizer_state(optimizer: Optimizer, state: dict, mesh: Optional[DeviceMesh]) -> None:
+    """Load what :func:`local_optimizer_state` gave on this rank, DTensors rebuilt on ``mesh``
+    (None: an unsharded model, whose state has no DTensors)."""
+    if mesh is None:
+        optimizer.load_state_dict(state)
+        return
     device = torch.device(mesh.device_type)
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
