@@ -13,16 +13,16 @@ split over the ranks, galore-torch's projection sides become:
 - full (``Q^T @ G @ P^T``): as left, one all-reduce of rank x rank values.
 
 A projection update (every ``update_proj_gap`` steps) needs the top singular vectors of the
-whole ``G``. :func:`refresh_projections` does them all before the optimizer step, one parameter
-at a time: the gradient is all-gathered (one matrix, freed at once), the SVD (full or
-randomized, the projector's own ``get_orthogonal_matrix``, so the very computation of one
-device) runs on one rank chosen round-robin, so that the ranks share the SVDs, and the
-projection matrix (rank x n or m x rank) is broadcast from it. The projection matrices are
-replicated: each is rank/min(m, n) of its weight's size.
+whole ``G``. :func:`refresh_projections` does them all before the optimizer step: the weights
+are dealt out to the ranks round-robin; each gradient is gathered whole on its owner only (a
+rank holds at most one whole gradient at a time), the owners run their SVDs at the same time
+(full or randomized: the projector's own ``get_orthogonal_matrix``, the very computation of one
+device), and each projection matrix (rank x n or m x rank) is broadcast from its owner. The
+projection matrices are replicated: each is rank/min(m, n) of its weight's size.
 """
 
 import time
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -138,36 +138,61 @@ def _matrix_shapes(side: str, shape: Tuple[int, int], rank: int) -> List[Tuple[i
     return {"right": [(k, n)], "left": [(m, k)], "full": [(m, k), (k, n)]}[side]
 
 
+def gather_whole(grad: DTensor, owner: int) -> Optional[torch.Tensor]:
+    """The whole of a row-sharded ``grad`` on rank ``owner`` of its mesh (None elsewhere): each
+    rank sends its rows, padded to ``torch.chunk``'s row count, to that rank only. Collective."""
+    layout = RowLayout(grad)
+    world, me = dist.get_world_size(layout.group), dist.get_rank(layout.group)
+    local = grad.to_local()
+    chunk = -(-layout.shape[0] // world)
+    padded = local.new_zeros((chunk, layout.shape[1]))
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(world)] if me == owner else None
+    dist.gather(padded, parts, dst=dist.get_global_rank(layout.group, owner), group=layout.group)
+    return torch.cat(parts)[: layout.shape[0]] if parts is not None else None
+
+
 def refresh_projections(due: Sequence[Tuple[ShardedProjection, DTensor]], first_owner: int = 0) -> float:
     """New projection matrices for every ``(projector, gradient)`` in ``due`` (the same list,
     in the same order, on every rank); the seconds it took. Collective.
 
-    The gradient of item i is all-gathered on every rank, the SVD runs on rank
-    ``(first_owner + i) % world`` only, and its result is broadcast from there once all SVDs are
-    done. (Layer-wise, each parameter's own optimizer passes its position as ``first_owner``.)
+    Item i belongs to rank ``(first_owner + i) % world``. In rounds of ``world`` items, each
+    item's gradient is gathered whole on its owner only, then every rank runs the SVD of the one
+    item it owns, all at the same time: a rank holds at most one whole gradient matrix. Once all
+    SVDs are done each projection matrix is broadcast from its owner. (Layer-wise, each
+    parameter's own optimizer passes its position as ``first_owner``.)
     """
     if not due:
         return 0.0
     start = time.perf_counter()
     group = RowLayout(due[0][1]).group
-    world, me = dist.get_world_size(group), dist.get_rank(group)
+    world = dist.get_world_size(group)
+
+    def owner(index: int) -> int:
+        return (first_owner + index) % world
+
     owned = {}
-    for index, (projector, grad) in enumerate(due):
-        whole = grad.full_tensor()
-        if (first_owner + index) % world == me:
+    for first in range(0, len(due), world):
+        mine = None
+        for index in range(first, min(first + world, len(due))):
+            whole = gather_whole(due[index][1], owner(index))
+            if whole is not None:
+                mine = index, whole
+        if mine is not None:
+            index, whole = mine
+            projector, grad = due[index]
             matrix = projector.get_orthogonal_matrix(whole, projector.rank, projector.side(grad.shape))
             owned[index] = [m.contiguous() for m in (matrix if isinstance(matrix, list) else [matrix])]
-        del whole
+            del whole, mine
     for index, (projector, grad) in enumerate(due):
         side = projector.side(grad.shape)
-        source = dist.get_global_rank(group, (first_owner + index) % world)
         local = grad.to_local()
         matrices = owned.pop(index, None) or [
             torch.empty(shape, dtype=local.dtype, device=local.device)
             for shape in _matrix_shapes(side, tuple(grad.shape), projector.rank)
         ]
         for matrix in matrices:
-            dist.broadcast(matrix, src=source, group=group)
+            dist.broadcast(matrix, src=dist.get_global_rank(group, owner(index)), group=group)
         projector.ortho_matrix = matrices if side == "full" else matrices[0]
         projector.fresh = True
     return time.perf_counter() - start
