@@ -14,8 +14,9 @@ split over the ranks, galore-torch's projection sides become:
 
 A projection update (every ``update_proj_gap`` steps) needs the top singular vectors of the
 whole ``G``. :func:`refresh_projections` does them all before the optimizer step: the weights
-are dealt out to the ranks round-robin; each gradient is gathered whole on its owner only (a
-rank holds at most one whole gradient at a time), the owners run their SVDs at the same time
+are dealt out to the ranks by SVD cost (about the same work each); each gradient is gathered
+whole on its owner only (a rank holds at most one whole gradient at a time), the owners run
+their SVDs at the same time
 (full or randomized: the projector's own ``get_orthogonal_matrix``, the very computation of one
 device), and each projection matrix (rank x n or m x rank) is broadcast from its owner. The
 projection matrices are replicated: each is rank/min(m, n) of its weight's size.
@@ -152,38 +153,55 @@ def gather_whole(grad: DTensor, owner: int) -> Optional[torch.Tensor]:
     return torch.cat(parts)[: layout.shape[0]] if parts is not None else None
 
 
+def svd_cost(projector: ShardedProjection, shape: Sequence[int]) -> float:
+    """Relative cost of one projection update of an m x n gradient: m n min(m, n) for a full SVD,
+    m n for the randomized range finder (its sketch width is fixed)."""
+    m, n = shape
+    return float(m * n * (1 if hasattr(projector, "oversample") else min(m, n)))
+
+
+def deal_out(due: Sequence[Tuple[ShardedProjection, DTensor]], world: int, first_owner: int = 0) -> List[List[int]]:
+    """Item indices of ``due`` per rank, each rank's in order: the costliest SVD first, each to the
+    rank with the least work so far (ties: counting from ``first_owner``). The same on every rank."""
+    loads, owned = [0.0] * world, [[] for _ in range(world)]
+    costs = [svd_cost(projector, grad.shape) for projector, grad in due]
+    for index in sorted(range(len(due)), key=lambda i: (-costs[i], i)):
+        rank = min(range(world), key=lambda r: (loads[r], (r - first_owner) % world))
+        owned[rank].append(index)
+        loads[rank] += costs[index]
+    return [sorted(items) for items in owned]
+
+
 def refresh_projections(due: Sequence[Tuple[ShardedProjection, DTensor]], first_owner: int = 0) -> float:
     """New projection matrices for every ``(projector, gradient)`` in ``due`` (the same list,
     in the same order, on every rank); the seconds it took. Collective.
 
-    Item i belongs to rank ``(first_owner + i) % world``. In rounds of ``world`` items, each
-    item's gradient is gathered whole on its owner only, then every rank runs the SVD of the one
-    item it owns, all at the same time: a rank holds at most one whole gradient matrix. Once all
-    SVDs are done each projection matrix is broadcast from its owner. (Layer-wise, each
-    parameter's own optimizer passes its position as ``first_owner``.)
+    The SVDs are dealt out so that every rank has about the same work (:func:`deal_out`). In
+    rounds of one item per rank, each gradient is gathered whole on its owner only, then every
+    rank runs the SVD of its item, all at the same time: a rank holds at most one whole gradient
+    matrix. Once all SVDs are done each projection matrix is broadcast from its owner.
+    (Layer-wise, each parameter's own optimizer passes its position as ``first_owner``.)
     """
     if not due:
         return 0.0
     start = time.perf_counter()
     group = RowLayout(due[0][1]).group
-    world = dist.get_world_size(group)
-
-    def owner(index: int) -> int:
-        return (first_owner + index) % world
-
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    dealt = deal_out(due, world, first_owner)
+    owner = {index: rank for rank, items in enumerate(dealt) for index in items}
     owned = {}
-    for first in range(0, len(due), world):
+    for round_ in range(max(len(items) for items in dealt)):
         mine = None
-        for index in range(first, min(first + world, len(due))):
-            whole = gather_whole(due[index][1], owner(index))
-            if whole is not None:
-                mine = index, whole
-        if mine is not None:
-            index, whole = mine
+        for rank, items in enumerate(dealt):
+            if round_ < len(items):
+                whole = gather_whole(due[items[round_]][1], rank)
+                if whole is not None:
+                    mine = whole
+        if round_ < len(dealt[me]):
+            index = dealt[me][round_]
             projector, grad = due[index]
-            matrix = projector.get_orthogonal_matrix(whole, projector.rank, projector.side(grad.shape))
+            matrix = projector.get_orthogonal_matrix(mine, projector.rank, projector.side(grad.shape))
             owned[index] = [m.contiguous() for m in (matrix if isinstance(matrix, list) else [matrix])]
-            del whole, mine
     for index, (projector, grad) in enumerate(due):
         side = projector.side(grad.shape)
         local = grad.to_local()
@@ -192,7 +210,7 @@ def refresh_projections(due: Sequence[Tuple[ShardedProjection, DTensor]], first_
             for shape in _matrix_shapes(side, tuple(grad.shape), projector.rank)
         ]
         for matrix in matrices:
-            dist.broadcast(matrix, src=dist.get_global_rank(group, owner(index)), group=group)
+            dist.broadcast(matrix, src=dist.get_global_rank(group, owner[index]), group=group)
         projector.ortho_matrix = matrices if side == "full" else matrices[0]
         projector.fresh = True
     return time.perf_counter() - start
