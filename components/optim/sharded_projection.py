@@ -13,17 +13,17 @@ split over the ranks, galore-torch's projection sides become:
 - full (``Q^T @ G @ P^T``): as left, one all-reduce of rank x rank values.
 
 A projection update (every ``update_proj_gap`` steps) needs the top singular vectors of the
-whole ``G``. :func:`refresh_projections` does them all before the optimizer step: the weights
-are dealt out to the ranks by SVD cost (about the same work each); each gradient is gathered
-whole on its owner only (a rank holds at most one whole gradient at a time), the owners run
-their SVDs at the same time
+whole ``G``. :func:`refresh_projections` does them all before the optimizer step, in rounds
+of one weight per rank, weights of the same shape together: each gradient is gathered whole on
+its owner only (a rank holds at most one whole gradient at a time), the owners run their SVDs
+at the same time
 (full or randomized: the projector's own ``get_orthogonal_matrix``, the very computation of one
 device), and each projection matrix (rank x n or m x rank) is broadcast from its owner. The
 projection matrices are replicated: each is rank/min(m, n) of its weight's size.
 """
 
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -160,26 +160,33 @@ def svd_cost(projector: ShardedProjection, shape: Sequence[int]) -> float:
     return float(m * n * (1 if hasattr(projector, "oversample") else min(m, n)))
 
 
-def deal_out(due: Sequence[Tuple[ShardedProjection, DTensor]], world: int, first_owner: int = 0) -> List[List[int]]:
-    """Item indices of ``due`` per rank, each rank's in order: the costliest SVD first, each to the
-    rank with the least work so far (ties: counting from ``first_owner``). The same on every rank."""
-    loads, owned = [0.0] * world, [[] for _ in range(world)]
+def deal_out(due: Sequence[Tuple[ShardedProjection, DTensor]], world: int, first_owner: int = 0) -> List[Dict[int, int]]:
+    """The rounds of an update, each ``{rank: item index}`` with at most one item per rank.
+
+    Items go costliest first, ``world`` to a round, so that a round's SVDs take about as long as
+    each other (the round waits for its slowest; equal shapes share rounds); the ranks take a
+    round's items in turn, the direction reversed every round so that no rank always gets the
+    heavier one, starting at ``first_owner``. The same on every rank.
+    """
     costs = [svd_cost(projector, grad.shape) for projector, grad in due]
-    for index in sorted(range(len(due)), key=lambda i: (-costs[i], i)):
-        rank = min(range(world), key=lambda r: (loads[r], (r - first_owner) % world))
-        owned[rank].append(index)
-        loads[rank] += costs[index]
-    return [sorted(items) for items in owned]
+    order = sorted(range(len(due)), key=lambda i: (-costs[i], tuple(due[i][1].shape), i))
+    rounds = []
+    for number, first in enumerate(range(0, len(order), world)):
+        ranks = [(first_owner + k) % world for k in range(world)]
+        if number % 2:
+            ranks.reverse()
+        rounds.append(dict(zip(ranks, order[first : first + world])))
+    return rounds
 
 
 def refresh_projections(due: Sequence[Tuple[ShardedProjection, DTensor]], first_owner: int = 0) -> float:
     """New projection matrices for every ``(projector, gradient)`` in ``due`` (the same list,
     in the same order, on every rank); the seconds it took. Collective.
 
-    The SVDs are dealt out so that every rank has about the same work (:func:`deal_out`). In
-    rounds of one item per rank, each gradient is gathered whole on its owner only, then every
-    rank runs the SVD of its item, all at the same time: a rank holds at most one whole gradient
-    matrix. Once all SVDs are done each projection matrix is broadcast from its owner.
+    The SVDs run in rounds of one item per rank, of about equal cost (:func:`deal_out`): each
+    gradient is gathered whole on its owner only, then every rank runs the SVD of its item, all
+    at the same time; a rank holds at most one whole gradient matrix. Once all SVDs are done each
+    projection matrix is broadcast from its owner.
     (Layer-wise, each parameter's own optimizer passes its position as ``first_owner``.)
     """
     if not due:
@@ -187,21 +194,19 @@ def refresh_projections(due: Sequence[Tuple[ShardedProjection, DTensor]], first_
     start = time.perf_counter()
     group = RowLayout(due[0][1]).group
     world, me = dist.get_world_size(group), dist.get_rank(group)
-    dealt = deal_out(due, world, first_owner)
-    owner = {index: rank for rank, items in enumerate(dealt) for index in items}
+    rounds = deal_out(due, world, first_owner)
+    owner = {index: rank for items in rounds for rank, index in items.items()}
     owned = {}
-    for round_ in range(max(len(items) for items in dealt)):
+    for items in rounds:
         mine = None
-        for rank, items in enumerate(dealt):
-            if round_ < len(items):
-                whole = gather_whole(due[items[round_]][1], rank)
-                if whole is not None:
-                    mine = whole
-        if round_ < len(dealt[me]):
-            index = dealt[me][round_]
-            projector, grad = due[index]
+        for rank, index in sorted(items.items()):
+            whole = gather_whole(due[index][1], rank)
+            if whole is not None:
+                mine = whole
+        if me in items:
+            projector, grad = due[items[me]]
             matrix = projector.get_orthogonal_matrix(mine, projector.rank, projector.side(grad.shape))
-            owned[index] = [m.contiguous() for m in (matrix if isinstance(matrix, list) else [matrix])]
+            owned[items[me]] = [m.contiguous() for m in (matrix if isinstance(matrix, list) else [matrix])]
     for index, (projector, grad) in enumerate(due):
         side = projector.side(grad.shape)
         local = grad.to_local()
