@@ -85,6 +85,7 @@ def test_two_processes_follow_the_single_device_recipe(reference, tmp_path):
     assert [step for step in sorted(metrics) if "projection_update_secs" in metrics[step]] == UPDATE_STEPS
 
 
+@pytest.mark.slow  # the optimizer-level test (tests/test_galore_sharded.py) covers it by default
 def test_randomized_svd_two_processes_follow_the_single_device_recipe(tmp_path):
     randomized = ["optimizer.svd=randomized", "save_every_n_steps=null"]
     assert_close_to_single_device(

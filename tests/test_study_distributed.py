@@ -205,4 +205,10 @@ def test_papers_commented_multi_gpu_variant_dry_runs(tmp_path, at_repo_root, cap
         "tune run --nproc_per_node 8 recipes/lora_finetune_distributed.py --config configs/llama3_2_3B/knowtuning_ka.yaml "
         f"dataset.data_files={runs}/knowtuning_data_ka/ka.jsonl gradient_accumulation_steps=1"
     )
-    assert lines[f"{runs}/galore"].startswith("tune run recipes/galore_finetune_single_device.py")
+    assert lines[f"{runs}/galore"].startswith(
+        "tune run --nproc_per_node 8 recipes/galore_finetune_distributed.py --config configs/llama3_2_3B/galore.yaml "
+        "batch_size=3 gradient_accumulation_steps=1"
+    )
+    assert lines[f"{runs}/knowtuning"].startswith(
+        "tune run --nproc_per_node 8 recipes/knowtuning_dpo_distributed.py --config configs/llama3_2_3B/knowtuning_kc.yaml"
+    ) and "batch_size=2" in lines[f"{runs}/knowtuning"]
