@@ -1,7 +1,7 @@
 """Worker of tests/test_galore_sharded.py, started by torchrun with 2 CPU processes (gloo).
 
 Each rank trains two copies of one small model from the same seed with
-``components.optim.galore_adamw``: one sharded by FSDP2 over both ranks (each rank sees half of
+``components.optim.galore_adamw`` (and ``apollo_adamw``): one sharded by FSDP2 over both ranks (each rank sees half of
 every batch), one whole in this process (the reference, on the whole batch). The weights are
 chosen so that every projection side meets uneven row shards (an odd number of rows). Rank 0
 writes what it measured to the JSON file named by argv[1].
@@ -35,10 +35,18 @@ class Block(nn.Module):
 
 
 def build(proj_type: str, svd: str, model: nn.Module):
+    """galore_adamw with ``svd`` full or randomized; ``svd`` channel or tensor: APOLLO's scaling."""
+    named, targets = list(model.named_parameters()), ["q_proj", "k_proj", "w1"]
+    if svd in ("channel", "tensor"):
+        from components.optim import apollo_adamw
+
+        return apollo_adamw(
+            named, lr=0.05, weight_decay=0.01, rank=2, update_proj_gap=GAP, scale=4.0,
+            scale_type=svd, proj_type=proj_type, target_modules=targets,
+        )
     return galore_adamw(
-        list(model.named_parameters()), lr=0.05, weight_decay=0.01, rank=2,
-        update_proj_gap=GAP, scale=0.5, proj_type=proj_type, target_modules=["q_proj", "k_proj", "w1"],
-        svd=svd,
+        named, lr=0.05, weight_decay=0.01, rank=2, update_proj_gap=GAP, scale=0.5,
+        proj_type=proj_type, target_modules=targets, svd=svd,
     )
 
 
@@ -67,7 +75,7 @@ def train(proj_type: str, svd: str):
             opt.zero_grad(set_to_none=True)
             if model is reference:
                 losses.append(loss.item())
-        refresh.append(opt_sharded.last_refresh_seconds)
+        refresh.append(getattr(opt_sharded, "last_refresh_seconds", 0.0))  # APOLLO: no SVD to share
     weight_diff = max(
         (whole(p) - q).abs().max().item()
         for p, q in zip(sharded.parameters(), reference.parameters())
@@ -103,6 +111,7 @@ def main() -> None:
         for proj_type in ("std", "reverse_std", "full")
         for svd in ("full", "randomized")
     }
+    results.update({f"apollo/{proj_type}/{scale}": train(proj_type, scale) for proj_type in ("std",) for scale in ("channel", "tensor")})
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(results, f)

@@ -29,16 +29,22 @@ from its name instead of its position in the optimizer. apollo-torch numbers par
 in the order the optimizer holds them, so one optimizer per parameter (layer-wise) would give every
 weight the seed 1; by name, both modes draw the same projections and take the same steps.
 
-For a sharded (FSDP2) recipe: the projection depends on the weight's shape and seed only, not on
-the gradient. For a weight sharded by rows with a right-side projection (``m >= n``, ``std``), the
-projected gradient, its moments and the channel (row) scaling factors are all local to a row
-shard; the left-side case (``m < n``) needs the projected gradient summed over the shards, and
-``scale_type: tensor`` and the norm-growth limiter need global norms (one scalar each).
+Under FSDP2 (recipes/galore_finetune_distributed.py) each weight's projector is
+:class:`ShardedGradientProjector`: the projection depends on the weight's shape and seed only, so
+every rank draws the same matrix without communication; a right-side projection (``m >= n``,
+``std``) runs on each rank's rows, a left-side one sums its rank x n product over the ranks.
+apollo-torch's own step then runs on DTensors: the channel scaling factors of a right-side
+projection are row-local, and the tensor-wise factor and the norm-growth limiter's norms are
+DTensor reductions over the shards. ``proj: svd`` (GaLore's projection inside APOLLO) is refused
+there. (apollo-torch computes the channel axis from the weight's shape, not the projection side,
+so ``proj_type`` other than ``std`` fails inside apollo-torch's step on weights taller than wide,
+on one device too.)
 """
 
 from typing import Any, Dict, Sequence
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 try:
@@ -60,6 +66,7 @@ from components.optim.galore import (
     _check_unsharded,
     parameter_seed,
 )
+from components.optim.sharded_projection import ShardedProjection
 
 # The same modules as GaLore's (torchtune's names for q/k/v/o and the three MLP projections).
 APOLLO_TARGETS = GALORE_TARGETS
@@ -74,6 +81,19 @@ def projection_seed(name: str) -> int:
     """The random projection's first seed for the parameter called ``name``: a stable function
     of the name (the same in every process, run and mode), below 2**63 as torch's generators take."""
     return parameter_seed(f"apollo:{name}") & _SEED_MASK
+
+
+class ShardedGradientProjector(ShardedProjection, GradientProjector):
+    """apollo-torch's random projector over FSDP2 row shards: the projection matrix is drawn from
+    its seed alone, the same on every rank, so an update needs no gathering; the projection
+    itself is components.optim.sharded_projection's (right side on each rank's rows, left side
+    summed by one all-reduce)."""
+
+    def project(self, full_rank_grad, iter):  # noqa: A002 - apollo-torch's names
+        if isinstance(full_rank_grad, DTensor) and self.due(iter):
+            self.update_ortho_matrix(full_rank_grad, self.side(full_rank_grad.shape))
+            self.fresh = True
+        return super().project(full_rank_grad, iter)
 
 
 def projector_to_dict(projector: Any) -> Dict[str, Any]:
@@ -92,11 +112,13 @@ def projector_to_dict(projector: Any) -> Dict[str, Any]:
     return data
 
 
-def projector_from_dict(data: Dict[str, Any], device: torch.device) -> Any:
-    """The inverse of :func:`projector_to_dict`, with the matrix moved to ``device``."""
+def projector_from_dict(data: Dict[str, Any], device: torch.device, sharded: bool = False) -> Any:
+    """The inverse of :func:`projector_to_dict`, with the matrix moved to ``device``; ``sharded``:
+    the projector of an FSDP2-sharded weight."""
     settings = dict(update_proj_gap=data["update_proj_gap"], scale=data["scale"], proj_type=data["proj_type"])
     if data["proj"] == "random":
-        projector = GradientProjector(data["rank"], seed=data["seed"], **settings)
+        cls = ShardedGradientProjector if sharded else GradientProjector
+        projector = cls(data["rank"], seed=data["seed"], **settings)
     elif data["proj"] == "svd":
         projector = SVDProjector(data["rank"], **settings)
     else:
@@ -117,6 +139,20 @@ class APOLLOAdamW(apollo_torch.apollo.AdamW):
             for param, name in zip(group["params"], group.get("param_names") or []):
                 if param.requires_grad:
                     self.state[param]["seed"] = projection_seed(name)
+
+    def step(self, closure=None):
+        """apollo-torch's step; under FSDP2 each weight first gets the sharded random projector."""
+        for group in self.param_groups:
+            if "rank" not in group:
+                continue
+            for param in group["params"]:
+                state = self.state[param]
+                if isinstance(param, DTensor) and param.grad is not None and "projector" not in state:
+                    state["projector"] = ShardedGradientProjector(
+                        group["rank"], update_proj_gap=group["update_proj_gap"], scale=group["scale"],
+                        proj_type=group["proj_type"], seed=state["seed"],
+                    )
+        return super().step(closure)
 
     def state_dict(self) -> Dict[str, Any]:
         state_dict = super().state_dict()
@@ -139,7 +175,7 @@ class APOLLOAdamW(apollo_torch.apollo.AdamW):
         by_id = dict(zip(saved_ids, (p for group in self.param_groups for p in group["params"])))
         for key, data in projectors.items():
             param = by_id[key]
-            self.state[param]["projector"] = projector_from_dict(data, param.device)
+            self.state[param]["projector"] = projector_from_dict(data, param.device, isinstance(param, DTensor))
 
 
 def _apollo_group(
@@ -208,11 +244,8 @@ def apollo_adamw(
             hook during backward (see :class:`components.optim.LayerwiseOptimizer`).
     """
     named = _as_named(params)
-    _check_unsharded(
-        named, "components.optim.apollo_adamw",
-        "its channel and tensor scaling factors and norm-growth limiter reduce over rows that FSDP2 "
-        "splits across ranks; not built yet",
-    )
+    if proj == "svd":
+        _check_unsharded(named, "components.optim.apollo_adamw with proj: svd", "use proj: random")
     settings = _apollo_group(rank, update_proj_gap, scale, scale_type, proj, proj_type)
     kwargs = dict(
         lr=float(lr), betas=tuple(float(b) for b in betas), eps=float(eps), weight_decay=float(weight_decay),
