@@ -3,8 +3,8 @@
 Every recipe wraps its ``recipe_main`` in :func:`one_line_errors` (outside torchtune's
 ``@config.parse``, which is where a missing ``--config`` file fails): a nonexistent ``--config``,
 a :class:`~components.data.errors.DataError` (file, record, what is wrong), a
-:class:`SettingsError` and a missing file end the run with that one line on stderr. A relative path that does not exist, seen from outside the
-repository root, is explained: the shipped configs name sample data by paths relative to that root.
+:class:`SettingsError` and a missing file end the run with that one line on stderr. A relative
+path that does not exist, seen from outside the repository root, is explained: the shipped configs name sample data by paths relative to that root.
 """
 
 import functools

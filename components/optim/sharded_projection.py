@@ -29,9 +29,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-SIDES = ("right", "left", "full")
-
-
 def projection_side(proj_type: str, shape: Sequence[int]) -> str:
     """galore-torch's choice of side for a gradient of ``shape`` (m, n): ``std`` projects the
     longer side away (right when m >= n), ``reverse_std`` the shorter one."""
@@ -59,10 +56,10 @@ class RowLayout:
         self.shape = tuple(tensor.shape)
         rows = tensor.to_local().shape[0]
         world, rank = mesh.size(), mesh.get_local_rank()
-        chunk = -(-self.shape[0] // world)  # torch.chunk's split: ceil(m / world) rows each
-        self.start = min(rank * chunk, self.shape[0])
+        self.chunk = -(-self.shape[0] // world)  # torch.chunk's split: ceil(m / world) rows each
+        self.start = min(rank * self.chunk, self.shape[0])
         self.stop = self.start + rows
-        if self.stop > self.shape[0] or rows != max(0, min(chunk, self.shape[0] - self.start)):
+        if self.stop > self.shape[0] or rows != max(0, min(self.chunk, self.shape[0] - self.start)):
             raise ValueError(f"unexpected row shard {self.start}:{self.stop} of a {self.shape} weight")
 
     def rows(self, matrix: torch.Tensor) -> torch.Tensor:
@@ -145,8 +142,7 @@ def gather_whole(grad: DTensor, owner: int) -> Optional[torch.Tensor]:
     layout = RowLayout(grad)
     world, me = dist.get_world_size(layout.group), dist.get_rank(layout.group)
     local = grad.to_local()
-    chunk = -(-layout.shape[0] // world)
-    padded = local.new_zeros((chunk, layout.shape[1]))
+    padded = local.new_zeros((layout.chunk, layout.shape[1]))
     padded[: local.shape[0]] = local
     parts = [torch.empty_like(padded) for _ in range(world)] if me == owner else None
     dist.gather(padded, parts, dst=dist.get_global_rank(layout.group, owner), group=layout.group)
